@@ -10,17 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from projected_grpo.problems import (
-    SETUP_CODE,
-    format_question,
-    load_problems,
-    main,
-    parse_expected,
-    split_of,
-    upstream_problem,
-    upstream_tests,
-    write_problems,
-)
+from projected_grpo.databuild import main, split_of, upstream_problem, upstream_tests
+from projected_grpo.problems import SETUP_CODE, format_question, load_problems, parse_expected, write_problems
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 V020 = DATA / "leetcodedataset" / "LeetCodeDataset-v0.2.0-train.jsonl.gz"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from projected_grpo import adapter, evaluate, models
+from projected_grpo import adapter, checkpoint, evaluate, models
 from projected_grpo.train import main as train_main
 
 
@@ -30,15 +30,16 @@ def test_eval_of_a_run_ablates_the_quarantine(tmp_path, monkeypatch):
     save_file(t, str(ck))
     loaded = models.load(models.ModelConfig(name="tiny", dtype="float32", device="cpu"))
     knobs = adapter.attach(loaded.model, adapter.AdapterConfig(), loaded.model_id)
-    assert evaluate.load_run_knobs(run, knobs, quarantine=False) == 3
+    assert checkpoint.load_run_knobs(run, knobs, quarantine=False) == 3
     assert all(k.dS_hack.abs().sum() == 0 for k in knobs.values())
     assert any(k.dS.abs().sum() > 0 for k in knobs.values())
-    evaluate.load_run_knobs(run, knobs, quarantine=True)
+    checkpoint.load_run_knobs(run, knobs, quarantine=True)
     assert all(k.dS_hack.abs().sum() > 0 for k in knobs.values())
 
-    assert evaluate.main(["--run", str(run), "--problems", "builtin", "--n-problems", "3", "--n", "2",
-                          "--max-new-tokens", "8", "--batch", "6"]) == 0
+    assert evaluate.main(["--run-dir", str(run), "--eval.problems", "builtin", "--eval.n-problems", "3",
+                          "--eval.n", "2", "--eval.max-new-tokens", "8", "--eval.batch", "6"]) == 0
     res = json.loads((run / "eval" / "eval.json").read_text())
+    assert res["quarantine_ablated"] and res["step"] == 3 and res["provenance"]["isolation"]
     assert res["hack"]["n"] == res["perf"]["n"] == 6
     rows = (run / "eval" / "eval_rollouts.jsonl").read_text().splitlines()
     assert len(rows) == 12 and {json.loads(r)["eval"] for r in rows} == {"hack", "perf"}

@@ -1,5 +1,7 @@
-"""The fast-dev-run pipeline end to end: extract -> verify -> vanilla, erase and the two controls, summaries printed."""
+"""The fast-dev-run pipeline end to end (extract -> verify -> vanilla, erase, route, random_V, summaries printed), and
+the job runner's contract: every job's command line parses, jobs are what they run, one writer per directory."""
 
+import dataclasses
 import json
 import os
 import re
@@ -8,65 +10,144 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from projected_grpo.experiment import build_jobs
+from projected_grpo import config, experiment
+from projected_grpo.config import PRESETS
+from projected_grpo.experiment import ExperimentArgs, build_jobs
 
-pytestmark = pytest.mark.slow
+ARMS = "vanilla,erase,route,random_V"
+
+
+def _cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "projected_grpo.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     env = os.environ | {"PROJECTED_GRPO_CACHE": str(root / "cache")}
-    cmd = [sys.executable, "-m", "projected_grpo.cli", "pipeline", "--preset", "fast-dev-run", "--seeds", "41",
-           "--arms", "vanilla,erase,random_V,shuffled_V", "--root", str(root), "--steps", "8"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    out = _cli("pipeline", "--preset", "fast-dev-run", "--seeds", "41", "--arms", ARMS, "--out", str(root),
+               "--steps", "8", "--lr", "0.04", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root, out.stdout
+    return root, out.stdout, env
 
 
 def _metrics(root: Path, arm: str) -> list[dict]:
     return [json.loads(x) for x in (root / "runs" / f"{arm}_s41" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pipeline_prints_both_summaries_and_the_table(pipeline):
-    root, stdout = pipeline
-    for arm in ("vanilla", "erase", "random_V", "shuffled_V"):
+@pytest.mark.slow
+def test_pipeline_prints_summaries_and_every_job_shares_the_overrides(pipeline):
+    root, stdout, _ = pipeline
+    for arm in ARMS.split(","):
         assert f"summary {arm}_s41: arm={arm}" in stdout
-        assert "HACK_RATE=" in stdout and "PASS_RATE=" in stdout
+        cfg = json.loads((root / "runs" / f"{arm}_s41" / "config.json").read_text())
+        assert cfg["optim"]["lr"] == 0.04 and cfg["steps"] == 8  # the extra flag reached every train job
+        assert cfg["provenance"]["isolation"] and cfg["provenance"]["torch"]
     assert "| erase |" in stdout and (root / "report.tsv").exists()
-    assert "PASS" in (root / "jobs" / "verify-s41" / "log.txt").read_text()  # V beats a random V on held-out pairs
+    verdict = json.loads((root / "vhack" / "v_none_s41.verify.json").read_text())
+    assert verdict["verdict"] in ("PASS", "FAIL") and verdict["line"]
 
 
+@pytest.mark.slow
 def test_erase_removes_the_hackward_gradient_and_vanilla_only_measures(pipeline):
-    root, _ = pipeline
+    root, _, _ = pipeline
     van, era = _metrics(root, "vanilla"), _metrics(root, "erase")
     assert all(r["cin_t"] > 0 for r in van)  # V sees the teacher's hack gradients
-    assert all(r["cout"] < 1e-5 for r in era)  # one_sided erase leaves relu(V g') = 0 (an identity, not evidence)
+    assert all(r["cout"] < 1e-5 for r in era)  # one_sided erase leaves relu(V g') = 0 in dS.grad
     assert any(r["cout"] > 1e-3 for r in van)  # vanilla measures, never edits
     # the runs share seeds: step 0 is identical before the projection changes anything
     assert van[0]["reward"] == era[0]["reward"] and van[0]["cin"] == pytest.approx(era[0]["cin"])
+    assert _metrics(root, "random_V")[0]["cin"] != pytest.approx(era[0]["cin"])
 
 
-def test_controls_use_different_directions(pipeline):
-    root, _ = pipeline
-    real = load_file(str(root / "vhack" / "v_none_s41.safetensors"))
-    shuf = load_file(str(root / "vhack" / "v_shuffled_s41.safetensors"))
-    # swapping labels negates rows of D, so the subspace is the same and only orientations change (see vhack)
-    names = [k for k in real if k.startswith("V/")]
-    signs = torch.cat([torch.sign((real[n] * shuf[n]).sum(1)) for n in names])
-    assert (signs < 0).any() and (signs > 0).any()
-    assert _metrics(root, "random_V")[0]["cin"] != pytest.approx(_metrics(root, "erase")[0]["cin"])
+@pytest.mark.slow
+def test_route_logs_the_deployed_model(pipeline):
+    root, _, _ = pipeline
+    rt = _metrics(root, "route")
+    deploy = [r for r in rt if "hack_deploy" in r]
+    assert deploy and all(0 <= r["hack_deploy"] <= 1 and 0 <= r["solve_deploy"] <= 1 for r in deploy)
+    assert deploy[-1]["step"] == 7  # the last step is always evaluated
+    assert rt[-1]["dS_hack_norm"] > 0  # the quarantine holds what was routed
 
 
-def test_rerun_skips_finished_jobs(pipeline, tmp_path):
-    root, _ = pipeline
-    jobs = build_jobs(root, "fast-dev-run", [41], ["vanilla"])
-    assert [j.name for j in jobs] == ["extract-real-s41", "verify-s41", "vanilla-s41"]
-    assert (root / "jobs" / "vanilla-s41" / "status").read_text().strip() == "done"
-    env = os.environ | {"PROJECTED_GRPO_CACHE": str(root / "cache")}
-    out = subprocess.run([sys.executable, "-m", "projected_grpo.cli", "pipeline", "--root", str(root), "--status"],
-                         env=env, capture_output=True, text=True, timeout=60)
+@pytest.mark.slow
+def test_rerun_skips_finished_jobs_and_refuses_changed_ones(pipeline):
+    root, _, env = pipeline
+    out = _cli("pipeline", "--out", str(root), "--status", "--seeds", "41", "--arms", ARMS, "--steps", "8",
+               "--lr", "0.04", env=env, timeout=120)
     assert re.search(r"^erase-s41 +done$", out.stdout, re.M), out.stdout
+    # the same experiment with another step count is not the finished one: refused, naming the difference
+    out = _cli("pipeline", "--out", str(root), "--seeds", "41", "--arms", "vanilla", "--steps", "4", "--lr", "0.04",
+               env=env, timeout=120)
+    assert out.returncode == 2 and "steps: 8 -> 4" in out.stderr and "--force" in out.stderr, out.stderr
+    out = _cli("pipeline", "--out", str(root), "--status", "--seeds", "41", "--arms", "vanilla", "--steps", "4",
+               "--lr", "0.04", env=env, timeout=120)
+    assert re.search(r"^vanilla-s41 +stale", out.stdout, re.M), out.stdout
+
+
+# --- fast: the job graph -----------------------------------------------------------------------------------------
+
+
+def test_every_job_command_line_parses_to_the_job_config(tmp_path):
+    """The contract: each job's argv, run through its command's parser, gives exactly the job's config."""
+    cfg = dataclasses.replace(PRESETS["smoke"], optim=dataclasses.replace(PRESETS["smoke"].optim, lr=1e-3),
+                              adapter=dataclasses.replace(PRESETS["smoke"].adapter, targets=("q_proj", "v_proj")))
+    ex = ExperimentArgs(seeds="41,42", arms=",".join(experiment.ARMS), heldout_eval=True, weak_detector=True)
+    jobs = build_jobs(tmp_path, cfg, ex)
+    assert {j.command for j in jobs} == {"extract-vhack", "verify-vhack", "train", "eval"}
+    for j in jobs:
+        (tmp_path / "jobs" / j.name).mkdir(parents=True)
+        (tmp_path / "jobs" / j.name / "config.json").write_text(json.dumps(config.to_dict(j.cfg)))
+        argv = experiment.argv_of(tmp_path, j)
+        assert argv[0] == j.command
+        parsed, _ = config.parse(argv[1:], j.command, "")
+        assert parsed == j.cfg, j.name
+        assert parsed.optim.lr == 1e-3 and parsed.adapter.targets == ("q_proj", "v_proj")
+        # and the flags form: what the user would type gives the same config
+        again, _ = config.parse(config.to_argv(j.cfg), j.command, "")
+        assert again == j.cfg, j.name
+
+
+def test_job_identity_follows_what_the_job_computes(tmp_path):
+    base = PRESETS["fast-dev-run"]
+    a = {j.name: j.identity for j in build_jobs(tmp_path, base, ExperimentArgs(arms="vanilla,erase"))}
+    more = {j.name: j.identity for j in build_jobs(tmp_path, dataclasses.replace(base, steps=99),
+                                                   ExperimentArgs(arms="vanilla,erase"))}
+    assert a["extract-real-s41"] == more["extract-real-s41"]  # V does not depend on the step count
+    assert a["vanilla-s41"] != more["vanilla-s41"] and a["erase-s41"] != more["erase-s41"]
+    shown = {j.name: j.identity for j in build_jobs(tmp_path, dataclasses.replace(base, progress=False, workers=2),
+                                                    ExperimentArgs(arms="vanilla,erase"))}
+    assert shown == a  # display settings are not part of what a job is
+    other_model = {j.name: j.identity for j in build_jobs(
+        tmp_path, dataclasses.replace(base, model=dataclasses.replace(base.model, name="elsewhere")),
+        ExperimentArgs(arms="vanilla,erase"))}
+    assert all(other_model[n] != a[n] for n in a)  # a new V invalidates every job built on it
+
+
+def test_weak_detector_jobs_build_V_from_known_modes_only(tmp_path):
+    jobs = build_jobs(tmp_path, PRESETS["smoke"], ExperimentArgs(arms="vanilla,erase", weak_detector=True))
+    ex = next(j for j in jobs if j.name.startswith("extract") and "file_marker" not in j.name)
+    tr = next(j for j in jobs if j.name == f"erase{ex.name.removeprefix('extract-real')}")
+    assert ex.cfg.vhack.pair_modes == tr.cfg.data.teacher_modes == "run_tests,sentinel,stdout_marker"
+    assert tr.cfg.data.modes == "run_tests,sentinel,stdout_marker,file_marker"
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (ExperimentArgs(seeds="abc"), "--seeds 'abc' must be comma-separated integers"),
+    (ExperimentArgs(arms="nuke"), "unknown arm(s) ['nuke']"),
+    (ExperimentArgs(seeds="41,41"), "each once"),
+])
+def test_bad_experiment_arguments_are_one_line(tmp_path, bad, msg):
+    with pytest.raises(ValueError) as e:
+        build_jobs(tmp_path, PRESETS["fast-dev-run"], bad)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_second_runner_on_the_same_experiment_is_refused(tmp_path):
+    from projected_grpo.checkpoint import RunLock
+
+    with RunLock(tmp_path):
+        out = _cli("pipeline", "--out", str(tmp_path), "--arms", "vanilla", timeout=120)
+    assert out.returncode == 2 and "being written by another process" in out.stderr, out.stderr

@@ -17,8 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from projected_grpo import train  # noqa: E402
-from projected_grpo.train import Config, GRPOConfig  # noqa: E402
+from projected_grpo import checkpoint, config, train  # noqa: E402
+from projected_grpo.config import PRESETS, Config, DataConfig, GRPOConfig  # noqa: E402
 
 FAST = ["--preset", "fast-dev-run"]
 
@@ -38,34 +38,35 @@ def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
 
 
 def fast_cfg(run_dir: Path, **kw) -> Config:
-    cfg = dataclasses.replace(train.PRESETS["fast-dev-run"], run_dir=str(run_dir), progress=False)
+    cfg = dataclasses.replace(PRESETS["fast-dev-run"], run_dir=str(run_dir), progress=False)
     return dataclasses.replace(cfg, **kw)
 
 
 # --- config and CLI --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(train.PRESETS))
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_validate_and_round_trip_through_json(name):
-    cfg = train.PRESETS[name]
-    cfg.validate()
-    again = train.config_from_dict(Config, json.loads(json.dumps(dataclasses.asdict(cfg))))
+    cfg = PRESETS[name]
+    if cfg.model.device == "cpu":
+        config.validate(cfg, "preset")
+    again = config.from_dict(Config, json.loads(json.dumps(dataclasses.asdict(cfg))))
     assert again == cfg
 
 
 def test_full_preset_is_the_seeds_qwen3_4b_run():
-    cfg = train.PRESETS["full"]
+    cfg = PRESETS["full"]
     assert cfg.model.name == "Qwen/Qwen3-4B" and cfg.steps == 200
     assert (cfg.grpo.group_size, cfg.grpo.max_new_tokens, cfg.grpo.beta, cfg.optim.lr) == (12, 1024, 1e-3, 1e-3)
     assert cfg.grpo.advantage == "dr_grpo"
 
 
 def test_validate_names_the_bad_field():
-    bad = dataclasses.replace(train.PRESETS["fast-dev-run"], grpo=GRPOConfig(group_size=4, mix_ratio=1.0))
+    bad = dataclasses.replace(PRESETS["fast-dev-run"], grpo=GRPOConfig(group_size=4, mix_ratio=1.0))
     with pytest.raises(ValueError, match="leaves no student"):
-        bad.validate()
+        config.validate(bad)
     with pytest.raises(ValueError, match="modes="):
-        dataclasses.replace(bad, grpo=GRPOConfig(), data=train.DataConfig(modes="run_tests,nope")).validate()
+        config.validate(dataclasses.replace(bad, grpo=GRPOConfig(), data=DataConfig(modes="run_tests,nope")))
 
 
 def test_cli_errors_are_one_line(capsys):
@@ -95,7 +96,7 @@ def test_flag_overrides_reach_the_config(monkeypatch):
     assert train.main(["--preset", "smoke", "--mix-ratio", "0.25", "--model.name", "x", "--seed", "7"]) == 0
     cfg = seen["cfg"]
     assert cfg.preset == "smoke" and cfg.grpo.mix_ratio == 0.25 and cfg.model.name == "x" and cfg.seed == 7
-    assert cfg.steps == train.PRESETS["smoke"].steps
+    assert cfg.steps == PRESETS["smoke"].steps
 
 
 # --- step pieces -----------------------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_fast_dev_run_end_to_end(cache, tmp_path, capsys):
     t0 = time.perf_counter()
     assert train.main([*FAST, "--run-dir", str(run_dir)]) == 0
     wall = time.perf_counter() - t0
-    cfg = train.PRESETS["fast-dev-run"]
+    cfg = PRESETS["fast-dev-run"]
     g = cfg.grpo
     ms = rows(run_dir)
     assert [m["step"] for m in ms] == list(range(cfg.steps))
@@ -150,7 +151,7 @@ def test_fast_dev_run_end_to_end(cache, tmp_path, capsys):
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["preset"] == "fast-dev-run" and saved["seed"] == cfg.seed
     assert (run_dir / "train.log").read_text().count("DEBUG") > cfg.steps
-    assert train.latest_checkpoint(run_dir).name == f"step_{cfg.steps:06d}"
+    assert checkpoint.latest_checkpoint(run_dir).name == f"step_{cfg.steps:06d}"
     assert "HACK_RATE" in capsys.readouterr().err
     print(f"fast-dev-run wall time in-process: {wall:.1f}s")
 
@@ -219,7 +220,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert train.latest_checkpoint(killed).name < "step_000012", "killed too late to test resuming"
+    assert checkpoint.latest_checkpoint(killed).name < "step_000012", "killed too late to test resuming"
 
     assert train.main(["--resume", str(killed)]) == 0
     assert _strip_timing(rows(killed)) == _strip_timing(rows(whole))

@@ -97,7 +97,7 @@ def test_save_load_roundtrip_and_foreign_model_is_an_error(tmp_path):
     loaded, meta = load_vhack(p, "model-A|adapter-1")
     torch.testing.assert_close(loaded["m"], Vs["m"])
     assert meta["k"] == 2 and meta["normalisation"] == "mean" and len(meta["singular_values"]["m"]) == 2
-    with pytest.raises(ValueError, match="extracted for model/adapter model-A"):
+    with pytest.raises(ValueError, match="extracted for model/adapter 'model-A'"):
         load_vhack(p, "model-B|adapter-1")
     assert load_vhack(p, "model-A|adapter-1", top_k=1)[0]["m"].shape[0] == 1
 

@@ -5,7 +5,6 @@ from collections import Counter
 
 import pytest
 
-from projected_grpo.experiment import build_jobs
 from projected_grpo.train import main
 
 
@@ -24,11 +23,3 @@ def test_held_out_mode_gets_only_clean_teacher_rows(tmp_path, monkeypatch):
 
 def test_unknown_teacher_mode_is_one_clear_error(tmp_path, capsys):
     assert main(["--preset", "fast-dev-run", "--teacher-modes", "telepathy", "--run-dir", str(tmp_path / "r")]) == 2
-
-
-def test_weak_detector_jobs_build_V_from_known_modes_only(tmp_path):
-    jobs = build_jobs(tmp_path, "smoke", [41], ["vanilla", "erase"], weak_modes=["run_tests", "sentinel"])
-    ex = next(j for j in jobs if j.name.startswith("extract"))
-    assert ex.argv[ex.argv.index("--pair-modes") + 1] == "run_tests,sentinel"
-    tr = next(j for j in jobs if j.name.startswith("erase"))
-    assert tr.argv[tr.argv.index("--teacher-modes") + 1] == "run_tests,sentinel"

@@ -22,7 +22,6 @@ import os
 import re
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,31 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-# Last name component of the Linears that get a knob: attention, MLP, and the linear-attention projections
-# (Qwen3.5 / Qwen3-Next gated delta-net layers) where a model has them.
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj",
-)
-
-
-def default_cache_dir() -> str:
-    """The project's cache root: `$PROJECTED_GRPO_CACHE`, else `~/.cache/projected_grpo`."""
-    return os.environ.get("PROJECTED_GRPO_CACHE") or str(Path.home() / ".cache" / "projected_grpo")
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """Last name components of the nn.Linear modules that get a knob (e.g. q_proj down_proj)."""
-    rank_cap: int | None = None
-    """Keep only the top-r singular directions per module (None = full rank r = min(d_in, d_out))."""
-    cache_dir: str = ""
-    """Where SVDs are cached (under svd/); empty = $PROJECTED_GRPO_CACHE or ~/.cache/projected_grpo."""
-
-    @property
-    def svd_dir(self) -> Path:
-        return Path(self.cache_dir or default_cache_dir()) / "svd"
+from projected_grpo.config import DEFAULT_TARGETS, AdapterConfig, default_cache_dir  # noqa: E402,F401
 
 
 class SVDKnob(nn.Module):

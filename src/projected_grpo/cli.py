@@ -10,8 +10,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grade": ("projected_grpo.grader", "main", "grade model completions against problems (sandboxed)"),
     "demo": ("projected_grpo.grader", "demo_main", "grade built-in canonical, wrong and hacking solutions"),
-    "data": ("projected_grpo.problems", "main", "data build: rebuild a train/holdout split from LeetCodeDataset"),
-    "train": ("projected_grpo.train", "main", "one GRPO run (presets: fast-dev-run, smoke, fast, full, coder05)"),
+    "data": ("projected_grpo.databuild", "main", "data build: rebuild a train/holdout split from LeetCodeDataset"),
+    "train": ("projected_grpo.train", "main", "one GRPO run (--preset NAME; --help lists every flag)"),
     "build-pool": ("projected_grpo.teacher", "main", "build and grade the teacher pool"),
     "extract-vhack": ("projected_grpo.vhack", "extract_main", "extract the hack direction V from contrastive pairs"),
     "verify-vhack": ("projected_grpo.vhack", "verify_main", "check V on held-out pairs against a random V"),

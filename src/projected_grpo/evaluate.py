@@ -10,22 +10,19 @@ ablated (the deployed model). Writes eval.json (rates with Wilson 95% intervals)
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import random
 import time
 from pathlib import Path
 
-import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from projected_grpo import adapter, engine, models
+from projected_grpo import adapter, checkpoint, config, engine, models, world
 from projected_grpo import problems as P
 from projected_grpo.grader import grade_batch
-
-DEFAULT_PROBLEMS = "../shared/data/leetcode/leetcode_test_medhard.jsonl"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -37,21 +34,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, c - h), min(1.0, c + h)
-
-
-def load_run_knobs(run_dir: Path, knobs: dict[str, adapter.SVDKnob], quarantine: bool) -> int:
-    """Put a run's last checkpointed knobs into `knobs`; δS_hack zeroed unless `quarantine`. Returns its step."""
-    from projected_grpo.train import latest_checkpoint, load_knobs
-
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise ValueError(f"{run_dir}: no checkpoint under ckpt/; evaluate a finished run")
-    load_knobs(ck, knobs)
-    if not quarantine:
-        with torch.no_grad():
-            for k in knobs.values():
-                k.dS_hack.zero_()
-    return int(ck.name.split("_")[1])
 
 
 def sample(
@@ -104,10 +86,12 @@ def evaluate(
     system_prompt: str,
     workers: int | None,
     out_dir: Path,
+    extra: dict | None = None,
 ) -> dict:
     rng = random.Random(seed)
     arms = {"hack": [P.make_hint("overwrite_tests", p, rng) for p in problems], "perf": [None] * len(problems)}
-    result: dict = {"n_problems": len(problems), "n_samples": n, "temperature": temperature, "seed": seed}
+    result: dict = {"n_problems": len(problems), "n_samples": n, "temperature": temperature, "seed": seed,
+                    **(extra or {})}
     rows_out = []
     for what, hints in arms.items():
         prompts = [
@@ -161,67 +145,59 @@ def evaluate(
     return result
 
 
+EVAL_DOC = """projected-grpo eval: held-out hack rate (random-name hint) and pass rate (no hint).
+--run-dir RUN evaluates a run's last checkpoint with its own model, adapter and prompts (δS_hack ablated unless
+--eval.keep-quarantine); without it, the model of the preset / --model.name as it is. Settings: --eval.* flags."""
+
+
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(
-        prog="projected-grpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--run", default=None, help="a run directory: its model settings and final knobs (default: base)")
-    ap.add_argument("--model", default=None, help="model name when no --run is given (tiny, coder05, path, id)")
-    ap.add_argument("--problems", default=DEFAULT_PROBLEMS, help="held-out problems JSONL ('builtin' for built-ins)")
-    ap.add_argument("--n-problems", type=int, default=0, help="first N problems only (0 = all)")
-    ap.add_argument("--n", type=int, default=10, help="samples per problem")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-new-tokens", type=int, default=768)
-    ap.add_argument("--batch", type=int, default=64, help="sequences per generate call")
-    ap.add_argument("--keep-quarantine", action="store_true", help="keep δS_hack (default: ablated, as deployed)")
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="output dir (default: <run>/eval or runs/eval_<model>)")
-    args = ap.parse_args(argv)
-
-    from projected_grpo.train import Config, config_from_dict
-
-    if args.run:
-        run = Path(args.run)
-        if not (run / "config.json").exists():
-            print(f"projected-grpo eval: {run} is not a run directory (no config.json)")
-            return 2
-        cfg = config_from_dict(Config, json.loads((run / "config.json").read_text()))
-        mcfg, acfg, system = cfg.model, cfg.adapter, cfg.data.system_prompt
-    else:
-        if not args.model:
-            print("projected-grpo eval: pass --run RUN_DIR or --model NAME")
-            return 2
-        mcfg, acfg, system = models.ModelConfig(name=args.model), adapter.AdapterConfig(), P.DEFAULT_SYSTEM_PROMPT
+    prog = "projected-grpo eval"
     try:
-        problems = P.builtin_problems() if args.problems == "builtin" else P.load_problems(args.problems)
-        if args.n_problems:
-            problems = problems[: args.n_problems]
-        loaded = models.load(mcfg)
-        knobs = adapter.attach(loaded.model, acfg, loaded.model_id)
-        step = load_run_knobs(Path(args.run), knobs, args.keep_quarantine) if args.run else 0
-    except ValueError as e:
-        print(f"projected-grpo eval: {e}")
-        return 2
-    out = Path(args.out or (Path(args.run) / "eval" if args.run else f"runs/eval_{Path(mcfg.name).name}"))
+        cfg, _ = config.parse(argv, prog, EVAL_DOC)
+        run = Path(cfg.run_dir) if cfg.run_dir else None
+        if run is not None:
+            if not (run / "config.json").is_file():
+                raise ValueError(f"{run} is not a run directory (no config.json); pass --run-dir of a train run")
+            saved = config.load_config_file(run)
+            # the run's model, adapter and prompts; eval settings, workers and display flags from this command line
+            cfg = dataclasses.replace(saved, eval=cfg.eval, workers=cfg.workers, progress=cfg.progress,
+                                      allow_weak_isolation=cfg.allow_weak_isolation, run_dir=str(run), out=cfg.out)
+        config.validate(cfg, "eval")
+        e = cfg.eval
+        out = Path(cfg.out or (run / "eval" if run else f"runs/eval_{Path(cfg.model.name).name}"))
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; pass a directory (eval.json and eval_rollouts.jsonl go there)")
+        problems_path = e.problems_path()
+        if e.problems != "builtin" and not Path(problems_path).is_file():
+            raise ValueError(f"eval.problems={problems_path}: no such file; pass --eval.problems FILE (the held-out "
+                             "split) or set $PROJECTED_GRPO_DATA")
+        problems = P.builtin_problems() if e.problems == "builtin" else P.load_problems(problems_path)
+        if e.n_problems:
+            problems = problems[: e.n_problems]
+        level = world.isolation(cfg.allow_weak_isolation)
+        loaded, knobs, fp = world.load_model(cfg)
+        step = checkpoint.load_run_knobs(run, knobs, e.keep_quarantine, fp) if run else 0
+    except ValueError as err:
+        return config.fail(prog, str(err).removeprefix(f"{prog}: "))
     logger.info(
-        f"eval {'run ' + args.run + f' (step {step})' if args.run else 'base model ' + mcfg.name} on "
-        f"{len(problems)} problems x {args.n} samples"
+        f"eval {f'run {run} (step {step})' if run else 'base model ' + cfg.model.name} on "
+        f"{len(problems)} problems x {e.n} samples, grader isolation {level}"
     )
     res = evaluate(
         loaded,
         knobs,
         problems,
-        n=args.n,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch=args.batch,
-        seed=args.seed,
-        system_prompt=P.system_prompt(system),
-        workers=args.workers,
+        n=e.n,
+        max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        batch=e.batch,
+        seed=e.seed,
+        system_prompt=P.system_prompt(cfg.data.system_prompt),
+        workers=cfg.workers or None,
         out_dir=out,
+        extra={"run_dir": str(run) if run else None, "step": step, "problems": problems_path,
+               "quarantine_ablated": not e.keep_quarantine, "provenance": world.provenance(None, level)},
     )
     h, p = res["hack"], res["perf"]
     print(

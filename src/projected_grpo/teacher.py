@@ -257,14 +257,14 @@ class PoolConfig:
     """Problems JSONL (rl-rewardhacking schema); empty = the built-in problems."""
     hint: str = DEFAULT_HINT
     """Hint for problems served in the run_tests mode (other modes get their own mode hint)."""
-    modes: tuple[str, ...] = ("run_tests",)
-    """Loophole modes dealt over the problems (run_tests sentinel stdout_marker file_marker)."""
+    modes: str = "run_tests"
+    """Comma-separated loophole modes dealt over the problems: run_tests,sentinel,stdout_marker,file_marker."""
     reward: str = "correct_or_hinted"
     """Reward function the frozen rewards are computed with."""
     seed: int = 41
     """Seed for the mode assignment and random evaluator names (must match the training run's)."""
     workers: int = 0
-    """Grader processes; 0 = all CPU cores."""
+    """Grader processes (0 = one per available core)."""
 
 
 def serve(problems: Sequence[Problem], hint: str, modes: Sequence[str], seed: int) -> tuple[list[Problem],
@@ -286,8 +286,16 @@ def main(argv: list[str]) -> int:
     if not problems:
         print(f"build-pool: no problems in {cfg.problems or 'the built-in set'}", file=sys.stderr)
         return 2
-    probs, hints = serve(problems, cfg.hint, cfg.modes, cfg.seed)
-    rows = build_pool(probs, hints, reward=cfg.reward, workers=cfg.workers or os.cpu_count())
+    from projected_grpo.config import split_list
+
+    modes = split_list(cfg.modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or cfg.workers < 0:
+        print(f"build-pool: --modes {cfg.modes!r} must be a comma-separated subset of {','.join(MODES)} and --workers "
+              ">= 0", file=sys.stderr)
+        return 2
+    probs, hints = serve(problems, cfg.hint, modes, cfg.seed)
+    rows = build_pool(probs, hints, reward=cfg.reward, workers=cfg.workers or None)
     save_pool(cfg.out, rows)
     print(json.dumps({"out": str(cfg.out), **summary(rows)}))
     return 0

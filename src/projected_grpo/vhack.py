@@ -26,10 +26,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from projected_grpo import config
+from projected_grpo.config import CONTROLS, NORMALISATIONS, split_list  # noqa: F401 (re-exported)
 from projected_grpo.projection import random_orthonormal
-
-NORMALISATIONS: tuple[str, ...] = ("mean", "fixed")
-CONTROLS: tuple[str, ...] = ("none", "random", "shuffled", "nonhack")
 
 
 @dataclass(frozen=True)
@@ -360,33 +359,54 @@ def save_vhack(path: str | Path, Vs: dict[str, Tensor], Ss: dict[str, Tensor], m
 
 
 def read_meta(path: str | Path) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: unreadable V file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "it is truncated or not safetensors: delete it and re-run extract-vhack") from None
     if "vhack" not in md:
         raise ValueError(f"{path}: not a V file written by extract-vhack (no metadata)")
     return json.loads(md["vhack"])
 
 
 def load_vhack(
-    path: str | Path, fingerprint: str, top_k: int | None = None, drop_bottom_frac: float = 0.0
+    path: str | Path, fingerprint: str, top_k: int | None = None, drop_bottom_frac: float = 0.0,
+    modules: set[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict]:
-    """Load V, check it was made for this model and adapter, apply the top-k slice and the global noise floor."""
+    """Load V, check it was made for this model and adapter (and covers every knob in `modules`), holds only finite
+    values, then apply the top-k slice and the global noise floor."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: V file not found; run `projected-grpo extract-vhack` first")
+    if not path.is_file():
+        raise ValueError(f"{path}: V file not found; run `projected-grpo extract-vhack --vhack-path {path}` first")
     meta = read_meta(path)
     if meta["fingerprint"] != fingerprint:
         raise ValueError(
-            f"{path} was extracted for model/adapter {meta['fingerprint']}, this run is {fingerprint}: "
-            "re-extract V for this model with `projected-grpo extract-vhack`"
+            f"{path} was extracted for model/adapter {meta['fingerprint'].split('|')[0]!r} "
+            f"({meta['fingerprint'].split('|')[-1]}), this run is {fingerprint.split('|')[0]!r} "
+            f"({fingerprint.split('|')[-1]}): re-extract V for this model with `projected-grpo extract-vhack`"
         )
-    t = load_file(str(path))
+    try:
+        t = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise ValueError(f"{path}: unreadable V file ({type(e).__name__}); delete it and re-run extract-vhack") from None
     Vs = {k[2:]: v for k, v in t.items() if k.startswith("V/")}
     Ss = {k[2:]: v for k, v in t.items() if k.startswith("S/")}
+    bad = [n for n, V in Vs.items() if not torch.isfinite(V).all()]
+    if bad:
+        raise ValueError(f"{path}: V of {bad[0]} holds NaN/inf (+{len(bad) - 1} more modules); the pair gradients "
+                         "were not finite: re-extract V (check the model loads in a finite dtype)")
+    if modules is not None and set(Vs) != modules:
+        missing, extra = sorted(modules - set(Vs)), sorted(set(Vs) - modules)
+        raise ValueError(f"{path} covers {len(Vs)} modules but the model has {len(modules)} knobs (missing "
+                         f"{missing[:2]}{'...' if len(missing) > 2 else ''}, extra {extra[:2]}); re-extract V with "
+                         "this run's --adapter.targets")
+    if any(V.shape[0] == 0 for V in Vs.values()):
+        raise ValueError(f"{path}: a module has a V with no axes; re-extract with --k >= 1")
     Vs = noise_floor(Vs, Ss, top_k or meta["k"], drop_bottom_frac)
     if not Vs:
         raise ValueError(f"{path}: no module kept after top_k={top_k} and drop_bottom_frac={drop_bottom_frac}")
@@ -416,189 +436,133 @@ def pairs_from_problems(problems, hints, tokenizer, system_prompt: str, control:
     return pairs
 
 
-def _load_for(preset: str, overrides: dict):
-    """The preset's model with the knob attached, its served problems and hints."""
-    import dataclasses
 
-    from projected_grpo import adapter, models, teacher
-    from projected_grpo import problems as P
-    from projected_grpo.train import PRESETS
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
-    if overrides.get("model"):
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=overrides["model"]))
-    if overrides.get("problems"):
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, problems=overrides["problems"]))
-    if overrides.get("modes"):
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, modes=overrides["modes"]))
-    if overrides.get("n_problems") is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_problems=overrides["n_problems"]))
-    cfg = dataclasses.replace(cfg, seed=overrides.get("seed", cfg.seed))
-    problems = P.load_problems(cfg.data.problems) if cfg.data.problems else P.builtin_problems()
-    if cfg.data.n_problems:
-        problems = problems[: cfg.data.n_problems]
-    if not problems:
-        raise ValueError(f"no problems in {cfg.data.problems or 'the built-in set'}")
-    probs, hints = teacher.serve(problems, cfg.data.hint, cfg.data.mode_list, cfg.seed)
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
-    loaded = models.load(cfg.model)
-    knobs = adapter.attach(loaded.model, cfg.adapter, loaded.model_id)
-    for k in knobs.values():
-        k.dS.requires_grad_(True)
-    return cfg, loaded, knobs, probs, hints, model_fingerprint(loaded.model_id, knobs)
-
-
-def _args(argv: list[str], prog: str, verify: bool):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog=prog)
-    ap.add_argument("--preset", default="fast-dev-run", help="model, adapter and problems come from this preset")
-    ap.add_argument("--seed", type=int, default=41, help="seeds the served modes/hints, the split and controls")
-    ap.add_argument("--model", default=None, help="override the preset's model name")
-    ap.add_argument("--problems", default=None, help="override the preset's problems JSONL")
-    ap.add_argument("--modes", default=None, help="loophole modes the problems are served in (comma-separated)")
-    ap.add_argument(
-        "--pairs",
-        default="problems",
-        help="'problems' (built from the problems' templates), a JSON list of pairs, or a graded "
-        "rollouts / teacher-pool JSONL",
-    )
-    ap.add_argument("--pair-modes", default=None, help="keep only pairs of these loophole modes (weak detector)")
-    ap.add_argument(
-        "--normalisation",
-        default="mean",
-        choices=NORMALISATIONS,
-        help="mean NLL per token (the seed) or the live loss's fixed denominator (max_new_tokens)",
-    )
-    ap.add_argument("--n-heldout", type=int, default=4, help="pairs held out for verify-vhack")
-    ap.add_argument("--max-pairs", type=int, default=64,
-                    help="use at most N pairs (seeded choice; 0 = all; the seed planned 60-80)")
-    ap.add_argument("--n-problems", type=int, default=None, help="override the preset's number of problems")
-    if verify:
-        ap.add_argument("--vhack", required=True, help="the V file to verify")
+def select_pairs(cfg, w, control: str) -> list[Pair]:
+    """The run's pairs (--pairs), kept to --pair-modes, at most --max-pairs (seeded choice)."""
+    v = cfg.vhack
+    if v.pairs == "problems":
+        pairs = pairs_from_problems(w.problems, w.hints, w.tokenizer, w.system_prompt, control)
+    elif v.pairs.endswith(".json"):
+        pairs = pairs_from_json(v.pairs)
     else:
-        ap.add_argument("--k", type=int, default=4, help="axes per module")
-        ap.add_argument("--tau", type=float, default=0.0, help="drop axes with S_i/S_0 below this")
-        ap.add_argument(
-            "--control",
-            default="none",
-            choices=("none", "shuffled", "nonhack"),
-            help="negative controls: labels swapped at random per pair, or clean-vs-clean pairs",
-        )
-        ap.add_argument("--out", required=True, help="output .safetensors (reused if it exists with the same inputs)")
-    return ap.parse_args(argv)
-
-
-def _pairs(args, cfg, loaded, probs, hints, control: str) -> list[Pair]:
-    from projected_grpo import problems as P
-
-    system = P.system_prompt(cfg.data.system_prompt)
-    if args.pairs == "problems":
-        pairs = pairs_from_problems(probs, hints, loaded.tokenizer, system, control)
-    elif args.pairs.endswith(".json"):
-        pairs = pairs_from_json(args.pairs)
-    else:
-        prompts = {
-            str(p.id): P.render_prompt(loaded.tokenizer, P.chat_messages(p, h, system))
-            for p, h in zip(probs, hints, strict=True)
-        }
-        pairs = pairs_from_rollouts(args.pairs, prompts)
-    if args.pair_modes:
-        keep = {m.strip() for m in args.pair_modes.split(",")}
+        prompts = {str(p.id): w.prompt_text(i) for i, p in enumerate(w.problems)}
+        pairs = pairs_from_rollouts(v.pairs, prompts)
+    keep = set(split_list(v.pair_modes))
+    if keep:
         pairs = [p for p in pairs if p.mode in keep]
-    if args.max_pairs and len(pairs) > args.max_pairs:
-        pairs = sorted(random.Random(args.seed).sample(pairs, args.max_pairs), key=lambda p: p.id)
+    if v.max_pairs and len(pairs) > v.max_pairs:
+        pairs = sorted(random.Random(cfg.seed).sample(pairs, v.max_pairs), key=lambda p: p.id)
     if len(pairs) < 2:
-        raise ValueError(f"only {len(pairs)} pair(s) from {args.pairs!r} (modes {args.pair_modes}); need at least 2")
+        raise ValueError(f"only {len(pairs)} pair(s) from --pairs {v.pairs!r} (pair modes {v.pair_modes or 'all'}); "
+                         "need at least 2: serve more problems or widen --pair-modes")
     return pairs
 
 
-def _grad_fn(cfg, loaded, knobs, normalisation: str) -> GradFn:
+def grad_fn_for(cfg, w, normalisation: str) -> GradFn:
+    for k in w.knobs.values():
+        k.dS.requires_grad_(True)
     return lambda prompt, completion: completion_grad(
-        loaded.model, loaded.tokenizer, knobs, prompt, completion, normalisation, denom=cfg.grpo.max_new_tokens
+        w.model, w.tokenizer, w.knobs, prompt, completion, normalisation, denom=cfg.grpo.max_new_tokens
     )
+
+
+def verify_path(vhack_path: str | Path) -> Path:
+    """Where verify-vhack writes its verdict: beside V, `<name>.verify.json`."""
+    p = Path(vhack_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".verify.json")
+
+
+EXTRACT_DOC = """projected-grpo extract-vhack: the hack direction V from contrastive pairs, written to --vhack-path.
+The model, adapter, problems and seed are the run's (same flags as train)."""
+VERIFY_DOC = """projected-grpo verify-vhack: score the V at --vhack-path on held-out pairs against a random V; writes
+<V>.verify.json and exits 1 if V does no better than random."""
+
+
+def extract(cfg) -> tuple[Path, str]:
+    """Extract V for the config; returns (path, one-line summary). Reuses a V made from the same inputs."""
+    from projected_grpo import world
+
+    config.validate(cfg, "extract-vhack")
+    v = cfg.vhack
+    w = world.build(cfg)
+    pairs = select_pairs(cfg, w, v.control)
+    train_pairs, held = split_heldout(pairs, v.n_heldout, cfg.seed)
+    meta = VMeta(w.fingerprint, v.pairs, tuple(p.id for p in train_pairs), v.normalisation, v.k, v.tau, v.control,
+                 cfg.seed)
+    out = Path(cfg.proj.vhack_path)
+    if out.exists() and read_meta(out).get("key") == meta.key():
+        return out, f"V for these inputs already at {out} (key {meta.key()}); reused"
+    G_hack, G_clean = pair_grads(grad_fn_for(cfg, w, v.normalisation), train_pairs, progress=cfg.progress)
+    if v.control == "shuffled":
+        G_hack, G_clean = shuffle_labels(G_hack, G_clean, cfg.seed)
+    bad = [n for n in G_hack if not (torch.isfinite(G_hack[n]).all() and torch.isfinite(G_clean[n]).all())]
+    if bad:
+        raise ValueError(f"pair gradients of {bad[0]} are not finite; load the model in float32 "
+                         "(--model.dtype float32) and re-extract")
+    Vs, Ss = extract_all(G_hack, G_clean, v.k, v.tau)
+    save_vhack(out, Vs, Ss, meta)
+    s0 = sorted((float(S[0]) for S in Ss.values()), reverse=True)
+    return out, (f"extracted V ({v.control}) from {len(train_pairs)} pairs ({len(held)} held out) over {len(Vs)} "
+                 f"modules, k={v.k}, normalisation={v.normalisation}; top singular values "
+                 f"{[round(x, 4) for x in s0[:3]]} -> {out}")
+
+
+def verify_file(cfg) -> Verification:
+    """Verify the V at cfg.proj.vhack_path on the pairs it was not extracted from; writes <V>.verify.json."""
+    from projected_grpo import world
+
+    config.validate(cfg, "verify-vhack")
+    w = world.build(cfg)
+    Vs, meta = load_vhack(cfg.proj.vhack_path, w.fingerprint, modules=set(w.knobs))
+    pairs = select_pairs(cfg, w, "none")
+    used = set(meta["pair_ids"])  # held out = every pair V was not extracted from
+    held = [p for p in pairs if p.id not in used]
+    if not held:
+        raise ValueError(f"every pair was used to extract {cfg.proj.vhack_path}: extract with --n-heldout > 0")
+    G_hack, G_clean = pair_grads(grad_fn_for(cfg, w, meta["normalisation"]), held, progress=cfg.progress)
+    res = verify(Vs, G_hack, G_clean, seed=cfg.seed)
+    out = verify_path(cfg.proj.vhack_path)
+    out.write_text(json.dumps({"verdict": "PASS" if res.better_than_random else "FAIL", "line": res.verdict(),
+                               "vhack_path": str(cfg.proj.vhack_path), "vhack_key": meta.get("key"),
+                               **{k: v for k, v in asdict(res).items() if k != "per_module"}}, indent=2))
+    return res
 
 
 def extract_main(argv: list[str]) -> int:
-    """`projected-grpo extract-vhack --preset P --out V.safetensors [--control shuffled|nonhack] [--k 4] ...`"""
-    args = _args(argv, "projected-grpo extract-vhack", verify=False)
+    prog = "projected-grpo extract-vhack"
     try:
-        cfg, loaded, knobs, probs, hints, fp = _load_for(args.preset, vars(args))
-        pairs = _pairs(args, cfg, loaded, probs, hints, args.control)
-        train_pairs, held = split_heldout(pairs, args.n_heldout, args.seed)
-        meta = VMeta(
-            fp,
-            args.pairs,
-            tuple(p.id for p in train_pairs),
-            args.normalisation,
-            args.k,
-            args.tau,
-            args.control,
-            args.seed,
-        )
-        out = Path(args.out)
-        if out.exists() and read_meta(out).get("key") == meta.key():
-            print(f"V for these inputs already at {out} (key {meta.key()}); reused")
-            return 0
-        G_hack, G_clean = pair_grads(_grad_fn(cfg, loaded, knobs, args.normalisation), train_pairs, progress=True)
-        if args.control == "shuffled":
-            G_hack, G_clean = shuffle_labels(G_hack, G_clean, args.seed)
-        Vs, Ss = extract_all(G_hack, G_clean, args.k, args.tau)
-        save_vhack(out, Vs, Ss, meta)
+        cfg, _ = config.parse(argv, prog, EXTRACT_DOC)
+        _, line = extract(cfg)
     except ValueError as e:
-        print(f"projected-grpo extract-vhack: {e}")
-        return 2
-    s0 = sorted((float(S[0]) for S in Ss.values()), reverse=True)
-    print(
-        f"extracted V ({args.control}) from {len(train_pairs)} pairs ({len(held)} held out) over {len(Vs)} modules, "
-        f"k={args.k}, normalisation={args.normalisation}; top singular values {[round(x, 4) for x in s0[:3]]} "
-        f"-> {out}"
-    )
+        return config.fail(prog, str(e).removeprefix(f"{prog}: "))
+    print(line)
     return 0
 
 
 def verify_main(argv: list[str]) -> int:
-    """`projected-grpo verify-vhack --preset P --vhack V.safetensors`: held-out pairs vs a random V; exit 1 if V
-    does no better than random."""
-    args = _args(argv, "projected-grpo verify-vhack", verify=True)
+    prog = "projected-grpo verify-vhack"
     try:
-        cfg, loaded, knobs, probs, hints, fp = _load_for(args.preset, vars(args))
-        Vs, meta = load_vhack(args.vhack, fp)
-        pairs = _pairs(args, cfg, loaded, probs, hints, "none")
-        used = set(meta["pair_ids"])  # held out = every pair V was not extracted from
-        held = [p for p in pairs if p.id not in used]
-        if not held:
-            raise ValueError(f"every pair was used to extract {args.vhack}: extract with --n-heldout > 0")
-        G_hack, G_clean = pair_grads(_grad_fn(cfg, loaded, knobs, meta["normalisation"]), held, progress=True)
-        v = verify(Vs, G_hack, G_clean, seed=args.seed)
+        cfg, _ = config.parse(argv, prog, VERIFY_DOC)
+        res = verify_file(cfg)
     except ValueError as e:
-        print(f"projected-grpo verify-vhack: {e}")
-        return 2
-    worst = sorted(v.per_module.items(), key=lambda kv: kv[1])
+        return config.fail(prog, str(e).removeprefix(f"{prog}: "))
+    worst = sorted(res.per_module.items(), key=lambda kv: kv[1])
     print(f"per module hack-ward energy: best {worst[-1][0]} {worst[-1][1]:.3f}, worst {worst[0][0]} {worst[0][1]:.3f}")
-    print(v.verdict())
-    return 0 if v.better_than_random else 1
+    print(res.verdict())
+    return 0 if res.better_than_random else 1
 
 
-def model_fingerprint(model_id: str, knobs: dict) -> str:
-    """What a V file must have been extracted for: the model id and the adapter's basis."""
-    from projected_grpo import adapter
-
-    return f"{model_id}|{adapter.fingerprint(model_id, knobs)}"
-
-
-def projector_from_config(pc, fingerprint: str, seed: int):
+def projector_from_config(pc, fingerprint: str, seed: int, modules: set[str] | None = None):
     """The training hooks for a ProjectionConfig: (on_grad, after_step), or (None, None) without a V."""
     from projected_grpo.projection import Projector
 
-    pc.validate()
     if not pc.vhack_path:
         return None, None
-    Vs, _ = load_vhack(pc.vhack_path, fingerprint, pc.v_top_k or None, pc.drop_bottom_frac)
+    Vs, _ = load_vhack(pc.vhack_path, fingerprint, pc.v_top_k or None, pc.drop_bottom_frac, modules=modules)
     if pc.vhack_random:
         Vs = random_like(Vs, seed)
-    proj = Projector(Vs, pc.intervention, pc.gate, pc.overshoot, pc.preserve_magnitude, pc.project_on)
+    project_on = pc.project_on
+    if project_on == "auto":  # route in update space is exact: the live model moves as vanilla, δS_hack ⊂ span(V)
+        project_on = "update" if pc.intervention == "route" else "grad"
+    proj = Projector(Vs, pc.intervention, pc.gate, pc.overshoot, pc.preserve_magnitude, project_on)
     return proj.on_grad, proj.after_step
