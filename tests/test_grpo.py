@@ -89,6 +89,50 @@ def test_clipping_by_hand():
     assert st["clipped"].item() == 2  # both ratios lie outside [0.8, 1.2]
 
 
+def _padded_case():
+    """Row 1's last two columns are padding; there the picked log-prob is −inf (logit −inf), and the reference holds
+    +inf / the old log-prob NaN. Returns (logits leaf, targets, mask, ref, old_fix) with the real positions finite."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, generator=g)
+    targets = torch.randint(0, 5, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    logits[1, 2, targets[1, 2]] = -torch.inf  # log p = −inf at a padded position
+    logits[1, 3, targets[1, 3]] = -torch.inf
+    ref = torch.log_softmax(torch.randn(2, 4, 5, generator=g), -1).gather(-1, targets[..., None])[..., 0]
+    ref[1, 2] = torch.inf
+    ref[1, 3] = -torch.inf
+    return logits.requires_grad_(True), targets, mask, ref
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_padded_inf_logprobs_give_a_finite_loss_and_finite_gradients(beta):
+    logits, targets, mask, ref = _padded_case()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]  # (2, 4)
+    assert torch.isinf(logp[1, 2:]).all()
+    old = logp.detach().clone()
+    old[1, 3] = torch.nan
+    adv = torch.tensor([1.0, -2.0])
+    loss, st = grpo.grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=beta, denom=8.0)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in st.values())
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[1, 2:] == 0).all()
+    # the real positions see exactly the loss of the real tokens alone
+    clean = logits.detach().clone()
+    clean[1, 2:] = 0.0
+    clean.requires_grad_(True)
+    lp2 = torch.log_softmax(clean, -1).gather(-1, targets[..., None])[..., 0]
+    ref2 = torch.where(mask, ref, 0.0)
+    loss2, st2 = grpo.grpo_loss(lp2, lp2.detach(), ref2, adv, mask, clip=0.2, beta=beta, denom=8.0)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(logits.grad[mask], clean.grad[mask])
+    assert st["tokens"].item() == 6 and st["clipped"].item() == 0  # ratio ≡ 1 on the real tokens
+    for key in ("kl_sum", "pg_sum"):
+        assert st[key].item() == pytest.approx(st2[key].item())
+
+
 # --- per-token log-probs -------------------------------------------------------------------------------------------
 
 

@@ -86,22 +86,27 @@ def grpo_loss(logp: Float[Tensor, "B T"], logp_old: Float[Tensor, "B T"], logp_r
 
     per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1), ρ = exp(logp − logp_old).
     With logp_old = logp.detach() (one update per batch) ρ ≡ 1 in value and the gradient is A·∇logp.
+    Positions outside `mask` are selected away (torch.where), never multiplied by 0: a padded position may hold
+    ±inf or NaN log-probs, and inf·0 = NaN would poison the loss and, through the backward, the whole gradient. logp
+    is also replaced by 0 there before any arithmetic, so the padded positions get an exact 0 gradient.
     Returns (loss, stats) with stats summed over tokens (not divided), so micro-batches add up:
     kl_sum, pg_sum, clipped (count), tokens (count)."""
     assert logp.shape == logp_old.shape == mask.shape and adv.shape == logp.shape[:1], (
         logp.shape, logp_old.shape, mask.shape, adv.shape)
     assert denom > 0, denom
-    m = mask.to(logp.dtype)
+    mask = mask.to(torch.bool)
+    zero = logp.new_zeros(())
+    logp = torch.where(mask, logp, zero)  # (B, T): no inf/NaN gradient reaches the padded inputs
     ratio = torch.exp(logp - logp_old)  # (B, T)
     a = adv[:, None].to(logp.dtype)  # (B, 1)
-    pg = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)  # (B, T)
+    pg = torch.where(mask, -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a), zero)  # (B, T)
     if logp_ref is None:
         kl = torch.zeros_like(logp)
     else:
         d = logp_ref - logp  # (B, T)
-        kl = torch.exp(d) - d - 1  # K3, >= 0, unbiased for KL(pi || ref)
-    loss = ((pg + beta * kl) * m).sum() / denom
-    clipped = ((ratio - ratio.clamp(1 - clip, 1 + clip)).abs() > 0).to(logp.dtype)
-    stats = {"kl_sum": (kl * m).sum().detach(), "pg_sum": (pg * m).sum().detach(),
-             "clipped": (clipped * m).sum().detach(), "tokens": m.sum().detach()}
+        kl = torch.where(mask, torch.exp(d) - d - 1, zero)  # K3, >= 0, unbiased for KL(pi || ref)
+    loss = (pg + beta * kl).sum() / denom
+    clipped = mask & ((ratio - ratio.clamp(1 - clip, 1 + clip)).abs() > 0)
+    stats = {"kl_sum": kl.sum().detach(), "pg_sum": pg.sum().detach(),
+             "clipped": clipped.sum().to(logp.dtype).detach(), "tokens": mask.sum().to(logp.dtype).detach()}
     return loss, stats
