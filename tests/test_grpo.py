@@ -136,11 +136,11 @@ def test_padded_inf_logprobs_give_a_finite_loss_and_finite_gradients(beta):
 # --- per-token log-probs -------------------------------------------------------------------------------------------
 
 
-def naive_logprobs(model, ids, attn, n_prompt):
+def naive_logprobs(model, ids, attn, n_prompt, temperature=1.0):
     pos = grpo.position_ids(attn)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits.float()  # (B, T, V)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     return logp[:, n_prompt - 1:]
 
 
@@ -160,6 +160,38 @@ def test_token_logprobs_matches_naive_and_is_microbatch_independent():
     assert got1.shape == (5, 5) and got1.dtype == torch.float32
     torch.testing.assert_close(got1, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got5, got1, atol=1e-5, rtol=0)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Every position's logits are ln(4, 2, 1): p = (4, 2, 1)/7 at T = 1, (16, 4, 1)/21 at T = 0.5."""
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+        b = input_ids.shape[0]
+        row = torch.log(torch.tensor([4.0, 2.0, 1.0]))
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=row.expand(b, logits_to_keep, 3))
+
+
+def test_token_logprobs_at_a_sampling_temperature_by_hand():
+    ids = torch.tensor([[0, 1, 0, 1, 2], [2, 2, 2, 0, 1]])  # 2 prompt tokens, 3 completion tokens
+    want = {t: torch.log(torch.tensor(p) / sum(p)) for t, p in ((0.5, [16.0, 4.0, 1.0]), (1.0, [4.0, 2.0, 1.0]))}
+    for t, p_t in ((0.5, want[0.5]), (1.0, want[1.0]), (0.0, want[1.0])):  # T = 0 (greedy): T = 1
+        got = grpo.token_logprobs(_FixedLogits(), ids, 2, micro_batch=1, temperature=t)
+        torch.testing.assert_close(got, p_t[ids[:, 2:]])
+    with pytest.raises(ValueError, match="temperature"):
+        grpo.token_logprobs(_FixedLogits(), ids, 2, micro_batch=1, temperature=-1.0)
+
+
+def test_token_logprobs_at_a_sampling_temperature_match_naive():
+    model = tiny_qwen3()
+    ids = torch.randint(1, 50, (3, 10), generator=torch.Generator().manual_seed(4))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    attn[2, :2] = False
+    ids[~attn] = 0
+    with torch.no_grad():
+        got = grpo.token_logprobs(model, ids, 6, 2, attn, temperature=0.7)
+        at1 = grpo.token_logprobs(model, ids, 6, 2, attn)
+    torch.testing.assert_close(got, naive_logprobs(model, ids, attn, 6, temperature=0.7), atol=1e-5, rtol=0)
+    assert (got - at1).abs().max() > 1e-2
 
 
 def test_token_logprobs_match_the_sampler_on_left_padded_prompts():

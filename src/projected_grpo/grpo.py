@@ -56,8 +56,11 @@ def position_ids(attention_mask: Bool[Tensor, "B T"]) -> Int[Tensor, "B T"]:
 
 
 def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, micro_batch: int,
-                   attention_mask: Bool[Tensor, "B T"] | None = None) -> Float[Tensor, "B T_new"]:
-    """log p(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32.
+                   attention_mask: Bool[Tensor, "B T"] | None = None, *,
+                   temperature: float = 1.0) -> Float[Tensor, "B T_new"]:
+    """log p_T(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32, where p_T =
+    softmax(logits / T) is the distribution the rollouts were sampled at (as TRL and verl compute it; top-p is not
+    applied). `temperature` 0 means greedy sampling and uses T = 1.
 
     Runs `micro_batch` rows at a time and asks the model for the completion positions' logits only, so the full
     (B, T, V) logits are never held, and the float32 log-softmax exists for one micro-batch at a time. Keeps the
@@ -66,16 +69,21 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     B, T = ids.shape
     t_new = T - n_prompt
     assert 0 < n_prompt < T and micro_batch >= 1, (n_prompt, T, micro_batch)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    scale = temperature if temperature > 0 else 1.0
     out = []
     for i in range(0, B, micro_batch):
         x = ids[i:i + micro_batch]  # (b, T)
         am = torch.ones_like(x, dtype=torch.bool) if attention_mask is None else attention_mask[i:i + micro_batch]
         logits = model(input_ids=x, attention_mask=am.long(), position_ids=position_ids(am),
                        logits_to_keep=t_new + 1, use_cache=False).logits  # (b, t_new + 1, V): positions n_prompt-1 .. T-1
-        logits = logits[:, :-1]  # (b, t_new, V): position t predicts token t + 1
+        logits = logits[:, :-1].float()  # (b, t_new, V): position t predicts token t + 1
+        if scale != 1.0:
+            logits = logits / scale
         targets = x[:, n_prompt:]  # (b, t_new)
-        picked = logits.gather(-1, targets[..., None])[..., 0].float()  # (b, t_new)
-        out.append(picked - torch.logsumexp(logits.float(), dim=-1))  # (b, t_new)
+        picked = logits.gather(-1, targets[..., None])[..., 0]  # (b, t_new)
+        out.append(picked - torch.logsumexp(logits, dim=-1))  # (b, t_new)
     return torch.cat(out, dim=0)
 
 
