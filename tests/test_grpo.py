@@ -89,14 +89,58 @@ def test_clipping_by_hand():
     assert st["clipped"].item() == 2  # both ratios lie outside [0.8, 1.2]
 
 
+def _padded_case():
+    """Row 1's last two columns are padding; there the picked log-prob is −inf (logit −inf), and the reference holds
+    +inf / the old log-prob NaN. Returns (logits leaf, targets, mask, ref, old_fix) with the real positions finite."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, generator=g)
+    targets = torch.randint(0, 5, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    logits[1, 2, targets[1, 2]] = -torch.inf  # log p = −inf at a padded position
+    logits[1, 3, targets[1, 3]] = -torch.inf
+    ref = torch.log_softmax(torch.randn(2, 4, 5, generator=g), -1).gather(-1, targets[..., None])[..., 0]
+    ref[1, 2] = torch.inf
+    ref[1, 3] = -torch.inf
+    return logits.requires_grad_(True), targets, mask, ref
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_padded_inf_logprobs_give_a_finite_loss_and_finite_gradients(beta):
+    logits, targets, mask, ref = _padded_case()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]  # (2, 4)
+    assert torch.isinf(logp[1, 2:]).all()
+    old = logp.detach().clone()
+    old[1, 3] = torch.nan
+    adv = torch.tensor([1.0, -2.0])
+    loss, st = grpo.grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=beta, denom=8.0)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in st.values())
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[1, 2:] == 0).all()
+    # the real positions see exactly the loss of the real tokens alone
+    clean = logits.detach().clone()
+    clean[1, 2:] = 0.0
+    clean.requires_grad_(True)
+    lp2 = torch.log_softmax(clean, -1).gather(-1, targets[..., None])[..., 0]
+    ref2 = torch.where(mask, ref, 0.0)
+    loss2, st2 = grpo.grpo_loss(lp2, lp2.detach(), ref2, adv, mask, clip=0.2, beta=beta, denom=8.0)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(logits.grad[mask], clean.grad[mask])
+    assert st["tokens"].item() == 6 and st["clipped"].item() == 0  # ratio ≡ 1 on the real tokens
+    for key in ("kl_sum", "pg_sum"):
+        assert st[key].item() == pytest.approx(st2[key].item())
+
+
 # --- per-token log-probs -------------------------------------------------------------------------------------------
 
 
-def naive_logprobs(model, ids, attn, n_prompt):
+def naive_logprobs(model, ids, attn, n_prompt, temperature=1.0):
     pos = grpo.position_ids(attn)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits.float()  # (B, T, V)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     return logp[:, n_prompt - 1:]
 
 
@@ -116,6 +160,38 @@ def test_token_logprobs_matches_naive_and_is_microbatch_independent():
     assert got1.shape == (5, 5) and got1.dtype == torch.float32
     torch.testing.assert_close(got1, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got5, got1, atol=1e-5, rtol=0)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Every position's logits are ln(4, 2, 1): p = (4, 2, 1)/7 at T = 1, (16, 4, 1)/21 at T = 0.5."""
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+        b = input_ids.shape[0]
+        row = torch.log(torch.tensor([4.0, 2.0, 1.0]))
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=row.expand(b, logits_to_keep, 3))
+
+
+def test_token_logprobs_at_a_sampling_temperature_by_hand():
+    ids = torch.tensor([[0, 1, 0, 1, 2], [2, 2, 2, 0, 1]])  # 2 prompt tokens, 3 completion tokens
+    want = {t: torch.log(torch.tensor(p) / sum(p)) for t, p in ((0.5, [16.0, 4.0, 1.0]), (1.0, [4.0, 2.0, 1.0]))}
+    for t, p_t in ((0.5, want[0.5]), (1.0, want[1.0]), (0.0, want[1.0])):  # T = 0 (greedy): T = 1
+        got = grpo.token_logprobs(_FixedLogits(), ids, 2, micro_batch=1, temperature=t)
+        torch.testing.assert_close(got, p_t[ids[:, 2:]])
+    with pytest.raises(ValueError, match="temperature"):
+        grpo.token_logprobs(_FixedLogits(), ids, 2, micro_batch=1, temperature=-1.0)
+
+
+def test_token_logprobs_at_a_sampling_temperature_match_naive():
+    model = tiny_qwen3()
+    ids = torch.randint(1, 50, (3, 10), generator=torch.Generator().manual_seed(4))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    attn[2, :2] = False
+    ids[~attn] = 0
+    with torch.no_grad():
+        got = grpo.token_logprobs(model, ids, 6, 2, attn, temperature=0.7)
+        at1 = grpo.token_logprobs(model, ids, 6, 2, attn)
+    torch.testing.assert_close(got, naive_logprobs(model, ids, attn, 6, temperature=0.7), atol=1e-5, rtol=0)
+    assert (got - at1).abs().max() > 1e-2
 
 
 def test_token_logprobs_match_the_sampler_on_left_padded_prompts():

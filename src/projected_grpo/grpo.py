@@ -56,8 +56,11 @@ def position_ids(attention_mask: Bool[Tensor, "B T"]) -> Int[Tensor, "B T"]:
 
 
 def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, micro_batch: int,
-                   attention_mask: Bool[Tensor, "B T"] | None = None) -> Float[Tensor, "B T_new"]:
-    """log p(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32.
+                   attention_mask: Bool[Tensor, "B T"] | None = None, *,
+                   temperature: float = 1.0) -> Float[Tensor, "B T_new"]:
+    """log p_T(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32, where p_T =
+    softmax(logits / T) is the distribution the rollouts were sampled at (as TRL and verl compute it; top-p is not
+    applied). `temperature` 0 means greedy sampling and uses T = 1.
 
     Runs `micro_batch` rows at a time and asks the model for the completion positions' logits only, so the full
     (B, T, V) logits are never held, and the float32 log-softmax exists for one micro-batch at a time. Keeps the
@@ -66,16 +69,21 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     B, T = ids.shape
     t_new = T - n_prompt
     assert 0 < n_prompt < T and micro_batch >= 1, (n_prompt, T, micro_batch)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    scale = temperature if temperature > 0 else 1.0
     out = []
     for i in range(0, B, micro_batch):
         x = ids[i:i + micro_batch]  # (b, T)
         am = torch.ones_like(x, dtype=torch.bool) if attention_mask is None else attention_mask[i:i + micro_batch]
         logits = model(input_ids=x, attention_mask=am.long(), position_ids=position_ids(am),
                        logits_to_keep=t_new + 1, use_cache=False).logits  # (b, t_new + 1, V): positions n_prompt-1 .. T-1
-        logits = logits[:, :-1]  # (b, t_new, V): position t predicts token t + 1
+        logits = logits[:, :-1].float()  # (b, t_new, V): position t predicts token t + 1
+        if scale != 1.0:
+            logits = logits / scale
         targets = x[:, n_prompt:]  # (b, t_new)
-        picked = logits.gather(-1, targets[..., None])[..., 0].float()  # (b, t_new)
-        out.append(picked - torch.logsumexp(logits.float(), dim=-1))  # (b, t_new)
+        picked = logits.gather(-1, targets[..., None])[..., 0]  # (b, t_new)
+        out.append(picked - torch.logsumexp(logits, dim=-1))  # (b, t_new)
     return torch.cat(out, dim=0)
 
 
@@ -86,22 +94,27 @@ def grpo_loss(logp: Float[Tensor, "B T"], logp_old: Float[Tensor, "B T"], logp_r
 
     per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1), ρ = exp(logp − logp_old).
     With logp_old = logp.detach() (one update per batch) ρ ≡ 1 in value and the gradient is A·∇logp.
+    Positions outside `mask` are selected away (torch.where), never multiplied by 0: a padded position may hold
+    ±inf or NaN log-probs, and inf·0 = NaN would poison the loss and, through the backward, the whole gradient. logp
+    is also replaced by 0 there before any arithmetic, so the padded positions get an exact 0 gradient.
     Returns (loss, stats) with stats summed over tokens (not divided), so micro-batches add up:
     kl_sum, pg_sum, clipped (count), tokens (count)."""
     assert logp.shape == logp_old.shape == mask.shape and adv.shape == logp.shape[:1], (
         logp.shape, logp_old.shape, mask.shape, adv.shape)
     assert denom > 0, denom
-    m = mask.to(logp.dtype)
+    mask = mask.to(torch.bool)
+    zero = logp.new_zeros(())
+    logp = torch.where(mask, logp, zero)  # (B, T): no inf/NaN gradient reaches the padded inputs
     ratio = torch.exp(logp - logp_old)  # (B, T)
     a = adv[:, None].to(logp.dtype)  # (B, 1)
-    pg = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)  # (B, T)
+    pg = torch.where(mask, -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a), zero)  # (B, T)
     if logp_ref is None:
         kl = torch.zeros_like(logp)
     else:
         d = logp_ref - logp  # (B, T)
-        kl = torch.exp(d) - d - 1  # K3, >= 0, unbiased for KL(pi || ref)
-    loss = ((pg + beta * kl) * m).sum() / denom
-    clipped = ((ratio - ratio.clamp(1 - clip, 1 + clip)).abs() > 0).to(logp.dtype)
-    stats = {"kl_sum": (kl * m).sum().detach(), "pg_sum": (pg * m).sum().detach(),
-             "clipped": (clipped * m).sum().detach(), "tokens": m.sum().detach()}
+        kl = torch.where(mask, torch.exp(d) - d - 1, zero)  # K3, >= 0, unbiased for KL(pi || ref)
+    loss = (pg + beta * kl).sum() / denom
+    clipped = mask & ((ratio - ratio.clamp(1 - clip, 1 + clip)).abs() > 0)
+    stats = {"kl_sum": kl.sum().detach(), "pg_sum": pg.sum().detach(),
+             "clipped": clipped.sum().to(logp.dtype).detach(), "tokens": mask.sum().to(logp.dtype).detach()}
     return loss, stats
