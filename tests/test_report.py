@@ -130,16 +130,16 @@ def test_per_run_fields_and_provenance_do_not_split_an_experiment(tmp_path):
     for i, seed in enumerate((41, 42, 43)):
         for arm in ("vanilla", "erase"):
             cfg = _cfg(arm, seed, vpath=f"/v/v_none_s{seed}.safetensors",
-                       provenance={"isolation": "bwrap", "git_commit": f"c{i}"})
+                       provenance={"isolation": "rlimits" if i == 2 else "bwrap", "git_commit": f"c{i}"})
             cfg |= {"grade_workers": i, "workers": i, "report_to": "none", "cpu_threads": i, "progress": bool(i)}
             cfg["model"]["cache_dir"] = f"/cache{i}"
             _run(tmp_path, f"{arm}_s{seed}", cfg, hack={"vanilla": 0.8, "erase": 0.2}[arm])
     assert main([str(tmp_path), "--no-plots"]) == 0
     rows = _tsv(tmp_path)
     assert {r["experiment"] for r in rows} == {"E1"} and [r["n_seeds"] for r in rows] == ["3", "3"]
-    assert _row(rows, "erase")["isolation"] == "bwrap"
+    assert _row(rows, "erase")["isolation"] == "bwrap,rlimits"
     md = (tmp_path / "report.md").read_text()
-    assert "grader isolation: bwrap" in md and "provenance differs within this experiment: git_commit" in md
+    assert "grader isolation: bwrap, rlimits (weak) (mixed!)" in md and "provenance differs within this experiment: git_commit" in md
 
 
 def test_duplicate_seed_in_one_arm_is_refused_naming_both(tmp_path, capsys):
@@ -195,7 +195,7 @@ def test_route_is_scored_on_the_deployed_model(tmp_path):
     route = _row(_tsv(tmp_path), "route")
     assert float(route["hack_live"]) == pytest.approx(0.8) and float(route["hack_deployed"]) == pytest.approx(0.1)
     assert float(route["d_hack"]) == pytest.approx(-0.7) and route["H1"] == "supported (n=3)"
-    assert route["scored_by"] == "deployed" and route["deployed_from"] == "last 5 steps"  # eval at step 4 and 7
+    assert route["scored_by"] == "deployed" and route["deployed_from"] == "evals in the last 5 steps"  # eval at step 4 and 7
 
 
 def test_route_with_stale_or_missing_deploy_evals(tmp_path):

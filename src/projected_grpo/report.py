@@ -71,6 +71,8 @@ PER_RUN_LEAVES = frozenset({
 PER_RUN_PATHS = frozenset({"proj.vhack_path"})
 """Per-seed artifacts: each seed has its own V file."""
 ARM_FIELDS = ("arm", "proj")
+STRONG_ISOLATION = "bwrap"
+"""The grader's isolation level that sandboxes fully; others ("uid", "rlimits") are flagged weak in the report."""
 """What separates arms inside one experiment."""
 
 WINDOW = 5
@@ -519,7 +521,7 @@ def arm_row(exp: Experiment, g: ArmGroup) -> dict[str, Any]:
         deploy_measured = not missing
         stale = [f"s{s}@{v[2]}" for s, v in scored.items() if v[2] is not None]
         row["deployed_from"] = (f"not measured (seeds {','.join(map(str, missing))})" if missing else
-                                f"latest eval step: {' '.join(stale)}" if stale else f"last {WINDOW} steps")
+                                f"latest eval step: {' '.join(stale)}" if stale else f"evals in the last {WINDOW} steps")
     evals = [e for e in (r.eval_json() for r in rs) if e is not None]
     if evals:
         _stats("eval_hack", [e["hack"] for e in evals], row)
@@ -633,7 +635,7 @@ def markdown(rep: Report) -> str:
         out += ["## Excluded runs", "", *(f"- {x}" for x in rep.excluded), ""]
     for e in rep.experiments:
         rows = [r for r in rep.rows if r["experiment"] == e.id]
-        iso = sorted({r.isolation for r in e.runs})
+        iso = [i + ("" if i in (STRONG_ISOLATION, "unknown") else " (weak)") for i in sorted({r.isolation for r in e.runs})]
         head = ", ".join(f"{k}={v}" for k, v in e.settings.items())
         out += [f"## {e.id}: {head}", "",
                 f"preset: {', '.join(e.presets)} · grader isolation: {', '.join(iso)}"
@@ -659,7 +661,7 @@ def markdown(rep: Report) -> str:
         out.append("| " + " | ".join(c for c, _ in cols) + " |")
         out.append("|" + "---|" * len(cols))
         out += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in rows]
-        notes = [f"- {r['label']}: deployed {r['deployed_from']}" for r in rows if r.get("deployed_from")]
+        notes = [f"- {r['label']}: deployed rates from {r['deployed_from']}" for r in rows if r.get("deployed_from")]
         out += ["", *notes] if notes else []
         out += ["", "V verification per seed:", ""]
         seen: dict[tuple, list[str]] = {}
