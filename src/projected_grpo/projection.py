@@ -40,7 +40,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 Gate = Literal["one_sided", "no_gate", "reverse"]
-GATES: tuple[str, ...] = ("one_sided", "no_gate", "reverse")
+from projected_grpo.config import GATES, INTERVENTIONS, PROJECT_ON, ProjectionConfig  # noqa: E402,F401
+
 EPS = 1e-12
 
 
@@ -155,8 +156,6 @@ def measure_all(grads: dict[str, Tensor], Vs: dict[str, Tensor]) -> float:
 # The training-loop side: one object plugged into train.py's hooks. It touches only the knob parameters it is given
 # (each knob has `dS` and `dS_hack` parameters) and, in `moments` mode, the optimizer state of `dS`.
 
-INTERVENTIONS: tuple[str, ...] = ("none", "erase", "route")
-PROJECT_ON: tuple[str, ...] = ("auto", "grad", "update", "moments")
 
 
 def effective_project_on(intervention: str, project_on: str) -> str:
@@ -173,7 +172,6 @@ def effective_project_on(intervention: str, project_on: str) -> str:
     return "update" if intervention == "route" else "grad"
 
 
-from projected_grpo.config import ProjectionConfig  # noqa: E402,F401 (re-exported)
 
 
 @dataclass

@@ -107,8 +107,8 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
         ref = None
         if g.beta > 0:  # the reference is the same model with the knobs zeroed
             with torch.no_grad(), adapter.zeroed(knobs):
-                ref = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am)  # (b, T)
-        lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am)  # (b, T)
+                ref = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
+        lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
         loss, st = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(device), m, clip=g.clip, beta=g.beta, denom=denom)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: non-finite loss in the {who} pass (micro-batch at row {i}); "

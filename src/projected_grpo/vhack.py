@@ -561,8 +561,6 @@ def projector_from_config(pc, fingerprint: str, seed: int, modules: set[str] | N
     Vs, _ = load_vhack(pc.vhack_path, fingerprint, pc.v_top_k or None, pc.drop_bottom_frac, modules=modules)
     if pc.vhack_random:
         Vs = random_like(Vs, seed)
-    project_on = pc.project_on
-    if project_on == "auto":  # route in update space is exact: the live model moves as vanilla, δS_hack ⊂ span(V)
-        project_on = "update" if pc.intervention == "route" else "grad"
-    proj = Projector(Vs, pc.intervention, pc.gate, pc.overshoot, pc.preserve_magnitude, project_on)
+    # project_on "auto": update space for route (exact: the live model moves as vanilla, δS_hack in span(V)), grad else
+    proj = Projector(Vs, pc.intervention, pc.gate, pc.overshoot, pc.preserve_magnitude, pc.project_on)
     return proj.on_grad, proj.after_step
