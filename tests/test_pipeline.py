@@ -151,3 +151,32 @@ def test_a_second_runner_on_the_same_experiment_is_refused(tmp_path):
     with RunLock(tmp_path):
         out = _cli("pipeline", "--out", str(tmp_path), "--arms", "vanilla", timeout=120)
     assert out.returncode == 2 and "being written by another process" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_runner_takes_its_running_job_with_it(tmp_path):
+    import signal
+    import time
+
+    from projected_grpo.checkpoint import is_locked
+
+    env = os.environ | {"PROJECTED_GRPO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", "pipeline", "--out", str(tmp_path / "x"),
+                             "--arms", "vanilla", "--no-verify", "--steps", "200"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "x" / "runs" / "vanilla_s41"
+    deadline = time.time() + 300
+    while not is_locked(run):  # the train child holds its run's lock while it runs
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while is_locked(run):
+        assert time.time() < deadline, "the train job outlived its runner"
+        time.sleep(0.2)
+    status = (tmp_path / "x" / "jobs" / "vanilla-s41" / "status").read_text().strip()
+    assert status == "running"  # as the runner left it; the next runner sees it as interrupted and resumes it
+    out = _cli("pipeline", "--out", str(tmp_path / "x"), "--arms", "vanilla", "--no-verify", "--steps", "200",
+               "--status", env=env, timeout=120)
+    assert re.search(r"^vanilla-s41 +interrupted$", out.stdout, re.M), out.stdout
