@@ -180,3 +180,35 @@ def test_a_killed_runner_takes_its_running_job_with_it(tmp_path):
     out = _cli("pipeline", "--out", str(tmp_path / "x"), "--arms", "vanilla", "--no-verify", "--steps", "200",
                "--status", env=env, timeout=120)
     assert re.search(r"^vanilla-s41 +interrupted$", out.stdout, re.M), out.stdout
+
+
+def test_independent_jobs_run_side_by_side_and_children_wait_for_parents(tmp_path, monkeypatch):
+    """Two slots: the two extract jobs start together; a train job starts only after its extract finished."""
+    import time
+
+    started: dict[str, float] = {}
+
+    def fake_start(root, j, slot):
+        started[j.name] = time.time()
+        log = open(tmp_path / f"{j.name}.log", "w")
+        return subprocess.Popen(["sleep", "0.6"], stdout=log), time.time(), log
+
+    monkeypatch.setattr(experiment, "_start", fake_start)
+    jobs = build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(seeds="41,42", arms="vanilla",
+                                                                         verify=False))
+    slots = [experiment.Slot("0", 1), experiment.Slot("1", 1)]
+    status = experiment.run_jobs(tmp_path, jobs, slots)
+    assert set(status.values()) == {"done"}
+    assert abs(started["extract-real-s41"] - started["extract-real-s42"]) < 0.4  # side by side
+    assert started["vanilla-s41"] >= started["extract-real-s41"] + 0.5  # after its parent
+    assert all((tmp_path / "jobs" / j.name / "status").read_text().strip() == "done" for j in jobs)
+
+
+def test_slots_share_the_cores_between_jobs(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    slots = experiment.slots_for("0,1", 2)
+    assert [s.gpu for s in slots] == ["0", "0", "1", "1"] and all(s.workers == 4 for s in slots)
+    monkeypatch.setattr(experiment, "_visible_gpus", lambda: 0)
+    assert [s.gpu for s in experiment.slots_for("", 1)] == [None]
+    with pytest.raises(ValueError, match="--gpus 'a' must be comma-separated GPU indices"):
+        experiment.slots_for("a", 1)
