@@ -19,6 +19,7 @@ process writes it (a second writer is refused).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from projected_grpo import adapter, checkpoint, config, engine, grpo, teacher, world
+from projected_grpo import adapter, checkpoint, config, distributed, engine, grpo, teacher, world
 from projected_grpo import problems as P
 from projected_grpo.adapter import SVDKnob
 from projected_grpo.config import Config, GRPOConfig
@@ -202,24 +203,31 @@ def write_summary(run_dir: Path, summary: dict[str, typing.Any]) -> str:
 
 def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHook | None = None, *,
           resume_dir: str | Path | None = None) -> Path:
-    """Run (or resume) one GRPO run; returns its run directory. One process writes a run directory at a time."""
+    """Run (or resume) one GRPO run; returns its run directory. One process writes a run directory at a time.
+    Under torchrun each rank runs its share of every step (see distributed.py); rank 0 writes the run."""
     config.validate(cfg, "train")
+    d = distributed.setup(cfg.model.device)
+    if d.world > cfg.grpo.prompts_per_step:
+        raise ValueError(f"{d.world} ranks but prompts_per_step={cfg.grpo.prompts_per_step}: each rank needs at least "
+                         "one prompt; raise --prompts-per-step or launch fewer processes")
     isolation = world.isolation(cfg.allow_weak_isolation)  # refuses before any work where programs are not isolated
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     else:
         name = f"{cfg.preset or 'run'}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / name
-        if run_dir.exists() and not run_dir.is_dir():
+        run_dir = Path(distributed.gather(d, cfg.run_dir or str(Path("runs") / name))[0])  # rank 0's choice
+        if d.main and run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"run dir {run_dir} is a file; pass a directory to --run-dir")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if d.main and run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(f"run dir {run_dir} is not empty; pass --resume {run_dir} to continue it or a new --run-dir")
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    with checkpoint.RunLock(run_dir):
-        log_id = logger.add(run_dir / "train.log", level="DEBUG", enqueue=False)
+    if not d.main:
+        cfg = dataclasses.replace(cfg, progress=False)
+    with checkpoint.RunLock(run_dir) if d.main else contextlib.nullcontext():
+        log_id = logger.add(run_dir / "train.log", level="DEBUG", enqueue=False) if d.main else None
         threads = torch.get_num_threads()
         try:
-            _run(cfg, run_dir, hook, post_step, resume=resume_dir is not None, isolation=isolation)
+            _run(cfg, run_dir, hook, post_step, resume=resume_dir is not None, isolation=isolation, d=d)
         except OSError as e:
             if checkpoint.disk_full(e):
                 raise RuntimeError(f"disk full while writing {run_dir}; free space, then `projected-grpo train "
@@ -230,12 +238,14 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
             raise
         finally:
             torch.set_num_threads(threads)
-            logger.remove(log_id)
+            if log_id is not None:
+                logger.remove(log_id)
+            distributed.teardown(d)
     return run_dir
 
 
 def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: PostStepHook | None, resume: bool,
-         isolation: str) -> None:
+         isolation: str, d: distributed.Dist) -> None:
     g, o = cfg.grpo, cfg.optim
     from projected_grpo.grader import grade_batch
 
@@ -255,8 +265,12 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         from projected_grpo.vhack import projector_from_config
 
         hook, post_step = projector_from_config(cfg.proj, w.fingerprint, cfg.seed, set(knobs))
+    if g.n_teacher and not d.main:
+        distributed.barrier(d)  # rank 0 builds (or reads) the cached pool first
     pool = teacher_pool(cfg, problems, hints, workers) if g.n_teacher else {}
-    if not resume:
+    if g.n_teacher and d.main:
+        distributed.barrier(d)
+    if not resume and d.main:
         prov = world.provenance(w, isolation)
         (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "provenance": prov}, indent=2))
 
@@ -273,11 +287,11 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         if ck is not None:
             start = checkpoint.load_checkpoint(ck, knobs, opt, sched, w.fingerprint)
         logger.info(f"resuming {run_dir} at step {start}" + (f" from {ck.name}" if ck else " (no checkpoint)"))
-        for f in (metrics_f, rollouts_f):
+        for f in (metrics_f, rollouts_f) if d.main else ():
             dropped = checkpoint.truncate_jsonl(f, start)
             if dropped:
                 logger.info(f"{f.name}: dropped {dropped} row(s) logged after the last checkpoint")
-    tb = _tensorboard(cfg, run_dir)
+    tb = _tensorboard(cfg, run_dir) if d.main else None
     logger.info(f"{w.loaded.model_id}: {len(knobs)} knobs, {len(problems)} problems, G={g.group_size} "
                 f"(G_t={g.n_teacher}), P={g.prompts_per_step}, {cfg.steps} steps, grader isolation {isolation} "
                 f"-> {run_dir}")
@@ -287,13 +301,15 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, dynamic_ncols=True, disable=not cfg.progress)
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
-        idx = prompt_indices(step, len(problems), g.prompts_per_step, cfg.seed)
+        step_idx = prompt_indices(step, len(problems), g.prompts_per_step, cfg.seed)
+        mine = d.share(len(step_idx))  # this rank's positions in the step (all of them in one process)
+        idx = [step_idx[j] for j in mine]
         probs, phints = [problems[i] for i in idx], [hints[i] for i in idx]
 
         # --- rollout: G_s student completions per prompt, knob merged into W
         t0 = time.perf_counter()
         roll, s_ids, s_text = rollout(w, [prompt_tok[i] for i in idx for _ in range(g.n_student)], g,
-                                      seed=cfg.seed * 1_000_003 + step, step=step)
+                                      seed=cfg.seed * 1_000_003 + step + 7919 * d.rank, step=step)
         time_generate = time.perf_counter() - t0
 
         # --- grade the students (parallel processes); teacher rows carry frozen grades
@@ -304,7 +320,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                                                                "accuracy": g.monitor_accuracy})
         time_grade = time.perf_counter() - t0
         t_rows = [random.Random(f"teacher:{cfg.seed}:{step}:{j}").sample(pool[pool_key(p, h)], g.n_teacher)
-                  if g.n_teacher else [] for j, (p, h) in enumerate(zip(probs, phints, strict=True))]
+                  if g.n_teacher else [] for j, p, h in zip(mine, probs, phints, strict=True)]
 
         # --- advantages per group: [students..., teachers...]; a NaN reward (screened) has no advantage
         R = torch.tensor([[float(s_grades[j * g.n_student + i].reward) for i in range(g.n_student)]
@@ -323,7 +339,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         t_comps = [teacher_tokens(tok, t_rows[j][i].completion, eos_ids[0], g.max_new_tokens) for j, i in keep_t]
         n_tok = int(roll.completion_mask[keep_s].sum()) + sum(map(len, t_comps))
         denom = (float(g.group_size * g.max_new_tokens * g.prompts_per_step) if g.advantage == "dr_grpo"
-                 else float(max(1, n_tok)))
+                 else max(1.0, distributed.sum_float(d, float(n_tok), R.device)))
 
         # --- backward: student pass -> g_s, teacher pass -> g_t (micro-batched; knobs zeroed = reference)
         totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_student", "tokens_student",
@@ -342,6 +358,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(f"step {step}: GPU out of memory in the backward pass; lower --micro-batch (now "
                                f"{g.micro_batch}) or pass --model.gradient-checkpointing") from e
+        g_s, g_t = distributed.sum_grads(d, g_s), distributed.sum_grads(d, g_t)  # every rank: the whole step's g
         _check_finite(step, g_s, "student")
         _check_finite(step, g_t, "teacher")
         for n, k in knobs.items():
@@ -365,20 +382,27 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         _check_finite(step, {n: k.dS.detach() for n, k in knobs.items()}, "dS after the step (value)")
         time_train = time.perf_counter() - t0
 
-        # --- deploy-time eval: the deployed model (δS_hack ablated) on a fixed prompt set
+        # --- deploy-time eval: the deployed model (δS_hack ablated) on a fixed prompt set (rank 0)
         deploy = {}
-        if cfg.eval_ablate_every and ((step + 1) % cfg.eval_ablate_every == 0 or step + 1 == cfg.steps):
+        if d.main and cfg.eval_ablate_every and ((step + 1) % cfg.eval_ablate_every == 0 or step + 1 == cfg.steps):
             deploy = deploy_eval(w, cfg, step, workers)
 
-        # --- log
-        row = step_row(cfg, step, s_grades, s_probs, t_rows, R, skip, roll, totals, grad_norm, lr, knobs,
-                       {**hook_metrics, **post_metrics, **deploy},
+        # --- log (rank 0, from every rank's share)
+        totals["gen_tokens"] = float(roll.completion_mask.sum())
+        parts = distributed.gather(d, (s_grades, [p.mode for p in s_probs], t_rows, R, skip, totals,
+                                       rollout_rows(step, probs, g.n_student, s_grades, s_text, s_ids, t_rows, adv,
+                                                    skip) if cfg.log_rollouts else []))
+        if not d.main:
+            continue
+        row = step_row(cfg, step, [x for p in parts for x in p[0]], [x for p in parts for x in p[1]],
+                       [x for p in parts for x in p[2]], torch.cat([p[3] for p in parts]),
+                       torch.cat([p[4] for p in parts]), {k: sum(p[5][k] for p in parts) for k in totals},
+                       grad_norm, lr, knobs, {**hook_metrics, **post_metrics, **deploy},
                        {"time_generate": time_generate, "time_grade": time_grade, "time_train": time_train,
                         "time_step": time.perf_counter() - t_step})
         checkpoint.append_jsonl(metrics_f, [row])
         if cfg.log_rollouts:
-            checkpoint.append_jsonl(rollouts_f, rollout_rows(step, probs, g.n_student, s_grades, s_text, s_ids,
-                                                             t_rows, adv, skip))
+            checkpoint.append_jsonl(rollouts_f, [r for p in parts for r in p[6]])
         if tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and v is not None and k != "step":
@@ -401,7 +425,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     bar.close()
     if tb is not None:
         tb.close()
-
+    if not d.main:
+        return
     rows = checkpoint.read_jsonl_rows(metrics_f)
     summary = summarize(cfg, run_dir, rows)
     block = write_summary(run_dir, summary)
@@ -442,14 +467,14 @@ def deploy_eval(w: world.World, cfg: Config, step: int, workers: int | None) -> 
             "solve_deploy": _mean([float(bool(gr.gt_pass)) for gr in grades])}
 
 
-def step_row(cfg: Config, step: int, s_grades: list, s_probs: list[P.Problem], t_rows: list[list[teacher.TeacherRow]],
-             R: Tensor, skip: Tensor, roll: engine.Rollout, totals: dict[str, float], grad_norm: float, lr: float,
+def step_row(cfg: Config, step: int, s_grades: list, s_modes: list[str], t_rows: list[list[teacher.TeacherRow]],
+             R: Tensor, skip: Tensor, totals: dict[str, float], grad_norm: float, lr: float,
              knobs: dict[str, SVDKnob], extra: dict, times: dict[str, float]) -> dict:
-    """The metrics row of one step."""
+    """The metrics row of one step (students s_grades with their loophole modes, teacher rows, rewards (P, G))."""
     modes = cfg.data.mode_list
     s_labels = [gr.label for gr in s_grades]
     t_flat = [r for rs in t_rows for r in rs]
-    gen_tokens = int(roll.completion_mask.sum())
+    gen_tokens = int(totals["gen_tokens"])
     tok_ = totals["tokens"]
     return {
         "step": step, "reward": _mean([float(gr.reward) for gr in s_grades]),
@@ -457,8 +482,8 @@ def step_row(cfg: Config, step: int, s_grades: list, s_probs: list[P.Problem], t
         "screened": int(torch.isnan(R).sum()),
         "hack_s": _mean([float(lab == "reward_hack") for lab in s_labels]),
         # per loophole mode (when a run serves several): the weak-detector outcome is the held-out mode's rate
-        **({f"hack_s_{m}": _mean([float(lab == "reward_hack") for lab, sp in zip(s_labels, s_probs, strict=True)
-                                  if sp.mode == m]) for m in modes} if len(modes) > 1 else {}),
+        **({f"hack_s_{m}": _mean([float(lab == "reward_hack") for lab, sm in zip(s_labels, s_modes, strict=True)
+                                  if sm == m]) for m in modes} if len(modes) > 1 else {}),
         "pass_s": _mean([float(bool(gr.gt_pass)) for gr in s_grades]),
         "hack_t": _mean([float(r.label == "reward_hack") for r in t_flat]),
         "pass_t": _mean([float(bool(r.grade.get("gt_pass"))) for r in t_flat]),
