@@ -28,6 +28,7 @@ import sys
 import time
 import typing
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ ProjectionHook = Callable[[int, dict[str, SVDKnob], dict[str, Tensor], dict[str,
 PostStepHook = Callable[[int, dict[str, SVDKnob], torch.optim.Optimizer, dict[str, Tensor], dict[str, Tensor]],
                         dict[str, float]]
 
-TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_train", "time_step")
+TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -96,17 +97,18 @@ def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
 
 def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
                   n_prompt: int, adv: Tensor, g: GRPOConfig, denom: float, totals: dict[str, float], who: str,
-                  step: int) -> None:
+                  step: int, ref_all: Tensor | None = None) -> None:
     """Accumulate ∇ of the GRPO loss of these sequences into the knobs' .grad, `g.micro_batch` rows at a time.
-    ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,). Adds loss, kl_sum, tokens, clipped and
-    the summed completion log-prob (logp_<who>, tokens_<who>) into `totals`."""
+    ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,), ref_all (B, T) the reference log-probs
+    when already computed (else computed here). Adds loss, kl_sum, tokens, clipped and the summed completion
+    log-prob (logp_<who>, tokens_<who>) into `totals`."""
     device = next(iter(knobs.values())).dS.device
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     for i in range(0, ids.shape[0], g.micro_batch):
         sl = slice(i, i + g.micro_batch)
         x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
-        ref = None
-        if g.beta > 0:  # the reference is the same model with the knobs zeroed
+        ref = ref_all[sl].to(device) if ref_all is not None else None
+        if g.beta > 0 and ref is None:  # the reference is the same model with the knobs zeroed
             with torch.no_grad(), adapter.zeroed(knobs):
                 ref = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
         lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
@@ -121,6 +123,22 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
         for key in ("kl_sum", "tokens", "clipped"):
             totals[key] += float(st[key])
     model.eval()
+
+
+def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, n_prompt: int,
+                       g: GRPOConfig) -> Tensor | None:
+    """The reference's (knobs zeroed) log-probs of every row's completion, (B, T); None when β = 0. Needs no reward,
+    so train computes it while the grader works."""
+    if g.beta == 0:
+        return None
+    device = next(iter(knobs.values())).dS.device
+    out = []
+    with torch.no_grad(), adapter.zeroed(knobs):
+        for i in range(0, ids.shape[0], g.micro_batch):
+            sl = slice(i, i + g.micro_batch)
+            out.append(grpo.token_logprobs(model, ids[sl].to(device), n_prompt, g.micro_batch, attn[sl].to(device),
+                                           temperature=g.temperature).cpu())
+    return torch.cat(out)
 
 
 def rollout_rows(step: int, probs: list[P.Problem], n_student: int, s_grades: list, s_text: list[str],
@@ -312,12 +330,17 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                                       seed=cfg.seed * 1_000_003 + step + 7919 * d.rank, step=step)
         time_generate = time.perf_counter() - t0
 
-        # --- grade the students (parallel processes); teacher rows carry frozen grades
+        # --- grade the students (parallel processes) while the reference log-probs are computed; teacher rows
+        # carry frozen grades
         t0 = time.perf_counter()
         s_probs = [p for p in probs for _ in range(g.n_student)]
-        s_grades = grade_batch(s_probs, s_text, [h for h in phints for _ in range(g.n_student)], workers=workers,
-                               reward=g.reward, reward_kwargs={"seed": cfg.seed * 1_000_003 + step,
-                                                               "accuracy": g.monitor_accuracy})
+        with ThreadPoolExecutor(1) as ex:
+            grading = ex.submit(grade_batch, s_probs, s_text, [h for h in phints for _ in range(g.n_student)],
+                                workers=workers, reward=g.reward,
+                                reward_kwargs={"seed": cfg.seed * 1_000_003 + step, "accuracy": g.monitor_accuracy})
+            s_ref = reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.prompt_len, g)
+            time_ref = time.perf_counter() - t0
+            s_grades = grading.result()
         time_grade = time.perf_counter() - t0
         t_rows = [random.Random(f"teacher:{cfg.seed}:{step}:{j}").sample(pool[pool_key(p, h)], g.n_teacher)
                   if g.n_teacher else [] for j, p, h in zip(mine, probs, phints, strict=True)]
@@ -348,7 +371,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         try:
             if keep_s:
                 backward_pass(model, knobs, roll.ids[keep_s], roll.attention_mask()[keep_s],
-                              roll.completion_mask[keep_s], roll.prompt_len, s_adv, g, denom, totals, "student", step)
+                              roll.completion_mask[keep_s], roll.prompt_len, s_adv, g, denom, totals, "student", step,
+                              s_ref[keep_s] if s_ref is not None else None)
             g_s = _grads(knobs)
             opt.zero_grad(set_to_none=True)
             if keep_t:
@@ -398,7 +422,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                        [x for p in parts for x in p[2]], torch.cat([p[3] for p in parts]),
                        torch.cat([p[4] for p in parts]), {k: sum(p[5][k] for p in parts) for k in totals},
                        grad_norm, lr, knobs, {**hook_metrics, **post_metrics, **deploy},
-                       {"time_generate": time_generate, "time_grade": time_grade, "time_train": time_train,
+                       {"time_generate": time_generate, "time_grade": time_grade, "time_ref": time_ref,
+                        "time_train": time_train,
                         "time_step": time.perf_counter() - t_step})
         checkpoint.append_jsonl(metrics_f, [row])
         if cfg.log_rollouts:
