@@ -416,7 +416,8 @@ def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: in
     try:
         with torch.no_grad(), adapter.merged(w.knobs):
             roll = engine.generate(w.model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                                   top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed)
+                                   top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed,
+                                   engine=g.engine)
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(f"step {step}: GPU out of memory while generating; lower --prompts-per-step or "
                            "--group-size or --max-new-tokens") from e
