@@ -333,3 +333,29 @@ def test_engine_switch_falls_back_refuses_or_obeys():
     with pytest.raises(ValueError, match="sliding-window"):
         generate(model, PROMPTS, backend="static", **kw)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# truncated completions (--mask-truncated-completions)
+
+
+def test_truncated_mask():
+    eos = [EOS, 9]
+    rows = [[1, 2, 3, 4], [1, 2, 3, EOS], [1, 2, 9], [1, 2], [1, 2, 3, 4, 5], [], [EOS]]
+    got = engine.truncated_mask(rows, eos, max_new_tokens=4)
+    assert got.dtype == torch.bool and got.shape == (7,)
+    assert got.tolist() == [True, False, False, False, True, False, False]
+    assert engine.truncated_mask([[1, 2]], [], 2).tolist() == [True]  # no eos ids: every full-length row is cut
+
+
+def test_truncated_mask_on_a_rollout():
+    """Rows of a real rollout that hit max_new_tokens without eos are exactly the truncated ones."""
+    model = tiny_qwen3(2)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform logits: half the vocabulary as eos stops rows at various steps
+    eos = list(range(150))
+    r = generate(model, PROMPTS * 4, max_new_tokens=3, temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=PAD, seed=0,
+                 engine="hf")
+    cut = engine.truncated_mask(r.completions(), eos, 3)
+    last = r.completion_ids[:, -1]
+    want = r.completion_mask.all(1) & ~torch.isin(last, torch.tensor(eos))
+    assert torch.equal(cut, want) and 0 < int(cut.sum()) < len(cut)

@@ -142,6 +142,8 @@ class GRPOConfig:
     engine: Literal["auto", "static", "hf"] = "auto"
     """Rollout back end: auto (the static CUDA-graph engine on a GPU when it supports the model, else HF generate,
     saying why once), static (an unsupported model is an error), hf (always HF generate)."""
+    mask_truncated_completions: bool = False
+    """Completions cut at max_new_tokens (no eos; teacher rows too) get advantage 0 and are left out of the loss."""
 
     @property
     def n_teacher(self) -> int:

@@ -1047,3 +1047,11 @@ def generate(model: nn.Module, prompt_ids: list[list[int]], *, max_new_tokens: i
         return generate_hf(model, prompt_ids, **kw)
     return generate_static(model, prompt_ids, **kw)
 
+
+def truncated_mask(completion_ids: list[list[int]], eos_ids: list[int], max_new_tokens: int) -> Tensor:
+    """(B,) bool: True for completions cut at the budget, i.e. `max_new_tokens` long (or longer) and not ending in
+    an eos. `completion_ids`: each row's tokens up to and including its first eos (`Rollout.completions()`,
+    `train.teacher_tokens`)."""
+    eos = set(eos_ids)
+    return torch.tensor([len(c) >= max_new_tokens and not (c and c[-1] in eos) for c in completion_ids],
+                        dtype=torch.bool)
