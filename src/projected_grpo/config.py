@@ -139,6 +139,11 @@ class GRPOConfig:
     """Reward function of the grader (correct_or_hinted, correct_only, gt_monitor_penalty, gt_monitor_screening)."""
     monitor_accuracy: float = 1.0
     """Accuracy of the ground-truth monitor in the gt_monitor_* rewards (its flag flips with probability 1 − this)."""
+    engine: Literal["auto", "static", "hf"] = "auto"
+    """Rollout back end: auto (the static CUDA-graph engine on a GPU when it supports the model, else HF generate,
+    saying why once), static (an unsupported model is an error), hf (always HF generate)."""
+    mask_truncated_completions: bool = False
+    """Completions cut at max_new_tokens (no eos; teacher rows too) get advantage 0 and are left out of the loss."""
 
     @property
     def n_teacher(self) -> int:
@@ -489,6 +494,7 @@ def validate(cfg: Config, command: str = "train") -> None:
         (0 <= g.beta <= 100, f"beta={g.beta} must be in [0, 100]"),
         (0 <= g.monitor_accuracy <= 1, f"monitor_accuracy={g.monitor_accuracy} must be in [0, 1]"),
         (g.reward in REWARDS, f"reward={g.reward!r} is not one of {', '.join(REWARDS)}"),
+        (g.engine in ("auto", "static", "hf"), f"engine={g.engine!r} is not one of auto, static, hf; pass --engine auto"),
         (0 < o.lr <= 1, f"lr={o.lr} must be in (0, 1] (δS is a singular-value offset; typical 1e-3..5e-2)"),
         (all(0 <= b < 1 for b in o.betas), f"betas={o.betas} must each be in [0, 1)"),
         (0 <= o.weight_decay <= 1, f"weight_decay={o.weight_decay} must be in [0, 1]"),

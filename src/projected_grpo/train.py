@@ -351,15 +351,23 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         adv = grpo.ADVANTAGES[g.advantage](R)  # (P, G)
         skip = grpo.zero_variance_groups(R)  # (P,)
         adv[skip] = 0.0
+        t_all = [[teacher_tokens(tok, r.completion, eos_ids[0], g.max_new_tokens) for r in rs] for rs in t_rows]
+        cut = torch.zeros_like(adv, dtype=torch.bool)  # (P, G): cut at max_new_tokens without eos
+        if g.mask_truncated_completions:  # no advantage and no loss for truncated rows
+            comps = [c for j in range(len(idx)) for c in s_ids[j * g.n_student:(j + 1) * g.n_student] + t_all[j]]
+            cut = engine.truncated_mask(comps, eos_ids, g.max_new_tokens).view_as(adv)
+            adv[cut] = 0.0
 
         # --- sequences to train, from groups with signal
         t0 = time.perf_counter()
-        keep_s = [j * g.n_student + i for j in range(len(idx)) if not skip[j] for i in range(g.n_student)]
-        keep_t = [(j, i) for j in range(len(idx)) if not skip[j] for i in range(g.n_teacher)]
+        keep_s = [j * g.n_student + i for j in range(len(idx)) if not skip[j] for i in range(g.n_student)
+                  if not cut[j, i]]
+        keep_t = [(j, i) for j in range(len(idx)) if not skip[j] for i in range(g.n_teacher)
+                  if not cut[j, g.n_student + i]]
         s_adv = torch.tensor([float(adv[b // g.n_student, b % g.n_student]) for b in keep_s])
         t_adv = torch.tensor([float(adv[j, g.n_student + i]) for j, i in keep_t])
         t_prompts = [prompt_tok[idx[j]] for j, _ in keep_t]
-        t_comps = [teacher_tokens(tok, t_rows[j][i].completion, eos_ids[0], g.max_new_tokens) for j, i in keep_t]
+        t_comps = [t_all[j][i] for j, i in keep_t]
         n_tok = int(roll.completion_mask[keep_s].sum()) + sum(map(len, t_comps))
         denom = (float(g.group_size * g.max_new_tokens * g.prompts_per_step) if g.advantage == "dr_grpo"
                  else max(1.0, distributed.sum_float(d, float(n_tok), R.device)))
@@ -466,7 +474,8 @@ def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: in
     try:
         with torch.no_grad(), adapter.merged(w.knobs):
             roll = engine.generate(w.model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                                   top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed)
+                                   top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed,
+                                   engine=g.engine)
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(f"step {step}: GPU out of memory while generating; lower --prompts-per-step or "
                            "--group-size or --max-new-tokens") from e
