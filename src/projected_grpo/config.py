@@ -224,28 +224,36 @@ class ProjectionConfig:
 
 
 NORMALISATIONS: tuple[str, ...] = ("mean", "fixed")
-CONTROLS: tuple[str, ...] = ("none", "shuffled", "nonhack")
+CONTROLS: tuple[str, ...] = ("none", "pca", "cleanclean")
 
 
 @dataclass(frozen=True)
 class VhackConfig:
-    pairs: str = "problems"
-    """Where contrastive pairs come from: 'problems' (built from the problems' templates), a JSON list of
-    {prompt, hack, clean}, or a graded rollouts / teacher-pool JSONL."""
+    pairs: str = "minimal"
+    """Where contrastive pairs come from: 'minimal' (same canonical solution, only the evaluator made vacuous or the
+    exploit added: length-matched), 'problems' (the teacher pool's templates: wrong `return 0` body + vacuous
+    evaluator vs canonical + real asserts), a JSON list of {prompt, hack, clean[, id, problem, mode]}, or a graded
+    JSONL (a run's rollouts.jsonl or a teacher pool)."""
     pair_modes: str = ""
     """Keep only pairs of these loophole modes (comma-separated; empty = all): the weak-detector fold's V."""
     normalisation: str = "mean"
     """mean: NLL per token (the seed); fixed: the live loss's fixed denominator (max_new_tokens)."""
-    n_heldout: int = 4
-    """Pairs held out from extraction, for verify-vhack."""
+    n_heldout: int = 8
+    """Problems held out from extraction (every pair of each), for verify-vhack; at least one must remain."""
     max_pairs: int = 64
-    """Use at most N pairs (seeded choice; 0 = all; the seed planned 60-80)."""
+    """Use at most N pairs for extraction, and at most N held-out pairs (seeded choice; 0 = all)."""
     k: int = 4
     """Axes of V per module."""
     tau: float = 0.0
     """Drop axes whose singular value is below tau·S_0 of their module."""
     control: str = "none"
-    """V controls: none (the real V), shuffled (labels swapped per pair), nonhack (clean-vs-clean pairs)."""
+    """V controls: none (the real V), pca (label-free: top principal axes of all completion gradients, matched k),
+    cleanclean (V from clean-vs-clean pairs)."""
+    verify_margin: float = 0.05
+    """verify-vhack PASSes only if V's hack-ward energy beats each anisotropy-matched comparator (pca, cleanclean) by
+    at least this much (with a bootstrap 95% interval over held-out problems above 0)."""
+    verify_draws: int = 64
+    """Random Vs drawn by verify-vhack for the empirical null of its statistics."""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ Arms (the `--arms` names):
   vanilla     GRPO, V measured only (cin/cout logged), no intervention
   erase       hack-ward part of each gradient removed
   route       hack-ward part of each update routed to the deletable quarantine knob δS_hack (scored with it ablated)
-  random_V    erase with a random orthonormal V of matched k per module (negative control)
-  shuffled_V  erase with V extracted from hack/clean labels swapped at random per pair (negative control)
-  nonhack_V   erase with V extracted from clean-vs-clean pairs (negative control)
+  random_V      erase with a random orthonormal V of matched k per module (control: any direction at all)
+  pca_V         erase with the label-free V: top principal axes of every pair completion's gradient, matched k
+                (control: is it the labels, or just the anisotropic gradient geometry?)
+  cleanclean_V  erase with V extracted from clean-vs-clean pairs (control: a data-derived direction with no hack)
 """
 
 from __future__ import annotations
@@ -45,16 +46,16 @@ from projected_grpo import config
 from projected_grpo.config import Config, split_list
 
 ARMS: dict[str, dict[str, str]] = {
-    # arm -> train's intervention, and which V it uses: "real" | "shuffled" | "nonhack" | "random" (made from the
-    # real V's shapes)
+    # arm -> train's intervention, and which V it uses: "real" | "pca" | "cleanclean" (each its own extract job) |
+    # "random" (made from the real V's shapes)
     "vanilla": {"intervention": "none", "v": "real"},
     "erase": {"intervention": "erase", "v": "real"},
     "route": {"intervention": "route", "v": "real"},
     "random_V": {"intervention": "erase", "v": "random"},
-    "shuffled_V": {"intervention": "erase", "v": "shuffled"},
-    "nonhack_V": {"intervention": "erase", "v": "nonhack"},
+    "pca_V": {"intervention": "erase", "v": "pca"},
+    "cleanclean_V": {"intervention": "erase", "v": "cleanclean"},
 }
-V_CONTROL = {"real": "none", "shuffled": "shuffled", "nonhack": "nonhack"}
+V_CONTROL = {"real": "none", "pca": "pca", "cleanclean": "cleanclean"}  # V kind -> extract-vhack --control
 # settings each command's result depends on (top-level Config fields / sections); the rest is not in its identity
 RELEVANT: dict[str, tuple[str, ...]] = {
     "extract-vhack": ("model", "adapter", "data", "vhack", "seed", "grpo.max_new_tokens", "proj.vhack_path"),
@@ -351,7 +352,7 @@ class ExperimentArgs:
     seeds: str = "41"
     """Comma-separated seeds; every arm runs once per seed."""
     arms: str = "vanilla,erase"
-    """Comma-separated arms: vanilla, erase, route, random_V, shuffled_V, nonhack_V."""
+    """Comma-separated arms: vanilla, erase, route, random_V, pca_V, cleanclean_V."""
     verify: bool = True
     """Run verify-vhack on each seed's V (--no-verify skips it)."""
     heldout_eval: bool = False
@@ -502,4 +503,4 @@ def pipeline_main(argv: list[str]) -> int:
 
 
 def sweep_main(argv: list[str]) -> int:
-    return experiment_main(argv, "sweep", ExperimentArgs(seeds="41,42,43", arms="vanilla,erase,route,random_V"))
+    return experiment_main(argv, "sweep", ExperimentArgs(seeds="41,42,43", arms="vanilla,erase,route,random_V,pca_V,cleanclean_V"))

@@ -546,7 +546,8 @@ def teacher_pool(cfg: Config, problems: list[P.Problem], hints: list[P.Hint | No
     if d.teacher_pool:
         rows = teacher.load_pool(d.teacher_pool)
     else:
-        rows, path = teacher.cached_pool(problems, hints, reward=g.reward, cache_dir=cfg.model.root, workers=workers)
+        rows, path = teacher.cached_pool(problems, hints, reward=g.reward, cache_dir=cfg.model.root, workers=workers,
+                                         monitor_accuracy=g.monitor_accuracy, seed=cfg.seed)
         logger.debug(f"teacher pool {path}: {teacher.summary(rows)}")
     pool = teacher.by_problem(rows)
     for p, h in zip(problems, hints, strict=True):
