@@ -239,3 +239,24 @@ def test_students_only_run_counts_skipped_groups(cache, tmp_path):
     ms = rows(train.train(cfg))
     assert [m["skipped_groups"] for m in ms] == [2, 2]
     assert all(m["n_teacher"] == 0 and m["kl"] is None and m["dS_norm"] == 0.0 for m in ms)
+
+
+def test_online_refresh_changes_V_logs_overlap_and_resumes_with_it(cache, tmp_path):
+    """--vhack-refresh-every 2: V is re-extracted on the moving model every 2 steps, basis_overlap is logged on those
+    steps, and the checkpoint holds the V in effect."""
+    from projected_grpo import vhack
+
+    v = tmp_path / "v.safetensors"
+    base = dataclasses.replace(PRESETS["fast-dev-run"], proj=dataclasses.replace(PRESETS["fast-dev-run"].proj,
+                                                                                 vhack_path=str(v)))
+    vhack.extract(base)
+    cfg = fast_cfg(tmp_path / "run", steps=4, checkpoint_every=2,
+                   proj=dataclasses.replace(base.proj, intervention="erase", vhack_refresh_every=2))
+    ms = rows(train.train(cfg))
+    assert [("basis_overlap" in m) for m in ms] == [False, True, False, False]  # after step 2; not after the last
+    assert 0.0 <= ms[1]["basis_overlap"] <= 1.0 and ms[1]["basis_overlap"] < 0.9999  # V moved with the model
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "ckpt" / "step_000002" / "vhack.safetensors"))
+    original, _ = vhack.load_vhack(v, vhack.read_meta(v)["fingerprint"])
+    assert any(not torch.allclose(saved[n], original[n]) for n in saved)

@@ -221,6 +221,9 @@ class ProjectionConfig:
     """Keep the first k axes per module (0 = all that were extracted)."""
     drop_bottom_frac: float = 0.0
     """Global noise floor: drop axes whose singular value is under this quantile over all modules (the seed: 0.25)."""
+    vhack_refresh_every: int = 0
+    """Every N steps, re-extract V on the current model (δS_hack ablated) from the pairs V was made from, and log
+    basis_overlap = mean over modules of |<V_new[0], V_old[0]>| (0 = V stays as extracted)."""
 
 
 NORMALISATIONS: tuple[str, ...] = ("mean", "fixed")
@@ -532,6 +535,9 @@ def validate(cfg: Config, command: str = "train") -> None:
         (pj.v_top_k >= 0, f"v_top_k={pj.v_top_k} must be >= 0 (0 = all axes)"),
         (0.0 <= pj.drop_bottom_frac < 1.0, f"drop_bottom_frac={pj.drop_bottom_frac} must be in [0, 1)"),
         (0 < pj.overshoot <= 10, f"overshoot={pj.overshoot} must be in (0, 10]"),
+        (pj.vhack_refresh_every >= 0, f"vhack_refresh_every={pj.vhack_refresh_every} must be >= 0 (0 = off)"),
+        (not (pj.vhack_refresh_every and pj.vhack_random),
+         "--vhack-refresh-every with --vhack-random: a random V does not depend on the model; drop one of them"),
         (v.k >= 1, f"k={v.k} must be >= 1 (axes of V per module)"),
         (0 <= v.tau < 1, f"tau={v.tau} must be in [0, 1)"),
         (v.n_heldout >= 0, f"n_heldout={v.n_heldout} must be >= 0"),

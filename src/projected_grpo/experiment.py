@@ -52,6 +52,8 @@ ARMS: dict[str, dict[str, str]] = {
     "erase": {"intervention": "erase", "v": "real"},
     "route": {"intervention": "route", "v": "real"},
     "random_V": {"intervention": "erase", "v": "random"},
+    "erase_refresh": {"intervention": "erase", "v": "real", "refresh": "1"},
+    "route_refresh": {"intervention": "route", "v": "real", "refresh": "1"},
     "pca_V": {"intervention": "erase", "v": "pca"},
     "cleanclean_V": {"intervention": "erase", "v": "cleanclean"},
 }
@@ -369,6 +371,8 @@ class ExperimentArgs:
     """GPUs to spread jobs over (comma-separated indices; default: every visible GPU; none: the CPU)."""
     jobs_per_gpu: int = 1
     """Jobs run side by side on each GPU."""
+    refresh_every: int = 2
+    """The V refresh cadence of the erase_refresh and route_refresh arms (steps; the seed's strongest arm used 2)."""
 
 
 def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
@@ -427,7 +431,9 @@ def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], see
         ablate = cfg.eval_ablate_every or (max(1, cfg.steps // 4) if intervention == "route" else 0)
         tcfg = R(base, arm=arm, run_dir=str(run_dir), eval_ablate_every=ablate,
                  proj=R(cfg.proj, intervention=intervention, vhack_random=kind == "random",
-                        vhack_path=str(vhack_path(root, seed, V_CONTROL[v_kind], tag))))
+                        vhack_path=str(vhack_path(root, seed, V_CONTROL[v_kind], tag)),
+                        vhack_refresh_every=0 if kind == "random" else
+                        ex.refresh_every if "refresh" in ARMS[arm] else cfg.proj.vhack_refresh_every))
         jobs.append(Job(f"{arm}{variant}-s{seed}", "train", tcfg, [f"extract-{v_kind}{tag}-s{seed}"]))
         if ex.heldout_eval:
             jobs.append(Job(f"eval-{arm}{variant}-s{seed}", "eval", R(tcfg, out=str(run_dir / "eval")),

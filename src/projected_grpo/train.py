@@ -37,7 +37,7 @@ from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from projected_grpo import adapter, checkpoint, config, distributed, engine, grpo, teacher, world
+from projected_grpo import adapter, checkpoint, config, distributed, engine, grpo, teacher, vhack, world
 from projected_grpo import problems as P
 from projected_grpo.adapter import SVDKnob
 from projected_grpo.config import Config, GRPOConfig
@@ -279,10 +279,11 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     eos_ids, pad_id = w.loaded.eos_ids, w.loaded.pad_id
     problems, hints, prompt_tok = w.problems, w.hints, w.prompt_ids
     params = adapter.knob_params(knobs)
+    proj, vmeta = None, None
     if hook is None and post_step is None:  # the intervention named in the config (none without a V)
-        from projected_grpo.vhack import projector_from_config
-
-        hook, post_step = projector_from_config(cfg.proj, w.fingerprint, cfg.seed, set(knobs))
+        proj, vmeta = vhack.load_projector(cfg.proj, w.fingerprint, cfg.seed, set(knobs))
+        hook, post_step = (proj.on_grad, proj.after_step) if proj is not None else (None, None)
+    refresh_every = cfg.proj.vhack_refresh_every if proj is not None else 0
     if g.n_teacher and not d.main:
         distributed.barrier(d)  # rank 0 builds (or reads) the cached pool first
     pool = teacher_pool(cfg, problems, hints, workers) if g.n_teacher else {}
@@ -304,6 +305,9 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         ck = checkpoint.latest_checkpoint(run_dir)
         if ck is not None:
             start = checkpoint.load_checkpoint(ck, knobs, opt, sched, w.fingerprint)
+            saved_v = checkpoint.load_vhack_state(ck) if refresh_every else None
+            if saved_v is not None:  # the V in effect when the checkpoint was written
+                proj.Vs = {n: V.to(proj.Vs[n].device) for n, V in saved_v.items()}
         logger.info(f"resuming {run_dir} at step {start}" + (f" from {ck.name}" if ck else " (no checkpoint)"))
         for f in (metrics_f, rollouts_f) if d.main else ():
             dropped = checkpoint.truncate_jsonl(f, start)
@@ -412,6 +416,9 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         sched.step()
         post_metrics = post_step(step, knobs, opt, prev_dS, prev_dS_hack) if post_step is not None else {}
         _check_finite(step, {n: k.dS.detach() for n, k in knobs.items()}, "dS after the step (value)")
+        if refresh_every and (step + 1) % refresh_every == 0 and step + 1 < cfg.steps:  # online refresh of V
+            proj.Vs, overlap = vhack.refresh(w, cfg, vmeta, proj.Vs)
+            post_metrics["basis_overlap"] = overlap
         time_train = time.perf_counter() - t0
 
         # --- deploy-time eval: the deployed model (δS_hack ablated) on a fixed prompt set (rank 0)
@@ -454,7 +461,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         # --- checkpoint
         done = step + 1
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            checkpoint.save_checkpoint(run_dir, done, knobs, opt, sched, w.fingerprint)
+            checkpoint.save_checkpoint(run_dir, done, knobs, opt, sched, w.fingerprint,
+                                       proj.Vs if refresh_every else None)
     bar.close()
     if tb is not None:
         tb.close()

@@ -895,15 +895,20 @@ def verify_main(argv: list[str]) -> int:
     return 0 if res.passed else 1
 
 
-def projector_from_config(pc, fingerprint: str, seed: int, modules: set[str] | None = None):
-    """The training hooks for a ProjectionConfig: (on_grad, after_step), or (None, None) without a V."""
+def load_projector(pc, fingerprint: str, seed: int, modules: set[str] | None = None):
+    """The Projector for a ProjectionConfig and the V file's metadata, or (None, None) without a V."""
     from projected_grpo.projection import Projector
 
     if not pc.vhack_path:
         return None, None
-    Vs, _ = load_vhack(pc.vhack_path, fingerprint, pc.v_top_k or None, pc.drop_bottom_frac, modules=modules)
+    Vs, meta = load_vhack(pc.vhack_path, fingerprint, pc.v_top_k or None, pc.drop_bottom_frac, modules=modules)
     if pc.vhack_random:
         Vs = random_like(Vs, seed)
     # project_on "auto": update space for route (exact: the live model moves as vanilla, δS_hack in span(V)), grad else
-    proj = Projector(Vs, pc.intervention, pc.gate, pc.overshoot, pc.preserve_magnitude, pc.project_on)
-    return proj.on_grad, proj.after_step
+    return Projector(Vs, pc.intervention, pc.gate, pc.overshoot, pc.preserve_magnitude, pc.project_on), meta
+
+
+def projector_from_config(pc, fingerprint: str, seed: int, modules: set[str] | None = None):
+    """The training hooks for a ProjectionConfig: (on_grad, after_step), or (None, None) without a V."""
+    proj, _ = load_projector(pc, fingerprint, seed, modules)
+    return (proj.on_grad, proj.after_step) if proj is not None else (None, None)
