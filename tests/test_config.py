@@ -91,8 +91,10 @@ def test_training_on_the_heldout_split_is_refused(tmp_path):
 
 def test_missing_train_split_does_not_suggest_the_test_split():
     cfg = PRESETS["coder05"]
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cpu"),
+                              data=dataclasses.replace(cfg.data, problems="runs/no-such-split/train.jsonl"))
     with pytest.raises(ValueError) as e:
-        config.validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cpu")), "train")
+        config.validate(cfg, "train")
     assert "data build" in str(e.value) and "leetcode_test_medhard" not in str(e.value)
 
 
