@@ -547,7 +547,7 @@ def cli_files(tmp_path):
     (["--out", "{tmp}/missing/v.jsonl"], "directory {tmp}/missing does not exist"),
     (["--out", "{tmp}/c.jsonl"], "is the same file as --completions"),
     (["--out", "{tmp}/p.jsonl"], "is the same file as --problems"),
-    (["--isolation", "rlimits"], "--isolation rlimits is a weak level"),
+    (["--isolation", "rlimits"], "isolation 'rlimits' is a weak level"),
 ])
 def test_grade_cli_rejects_bad_options_before_grading(cli_files, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(grader, "grade_batch", lambda *a, **k: pytest.fail("graded despite a bad option"))

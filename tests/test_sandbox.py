@@ -425,6 +425,15 @@ def test_a_weak_level_is_refused_unless_accepted(monkeypatch, fresh_detection):
     assert sandbox.run("pass", timeout=20.0).isolation == weak
 
 
+def test_a_forced_level_must_work_and_a_weak_one_be_accepted(monkeypatch, fresh_detection):
+    monkeypatch.setattr(sandbox, "_trial", lambda level: "missing here" if level == "bwrap" else None)
+    with pytest.raises(sandbox.IsolationError, match="isolation 'bwrap' does not work here: missing here"):
+        sandbox.require_isolation(False, "bwrap")
+    with pytest.raises(sandbox.IsolationError, match="'rlimits' is a weak level.*--allow-weak-isolation"):
+        sandbox.require_isolation(False, "rlimits")
+    assert sandbox.require_isolation(True, "rlimits") == "rlimits" and sandbox.require_isolation(False, "userns") == "userns"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is about running programs as root")
 def test_as_root_refuses_when_nothing_unprivileged_works(monkeypatch, fresh_detection):
     monkeypatch.setattr(sandbox, "_trial", lambda level: f"{level} broken")

@@ -1192,13 +1192,9 @@ def add_isolation_args(ap: argparse.ArgumentParser) -> None:
 
 
 def resolve_isolation(isolation: str | None, allow_weak: bool) -> str:
-    """The sandbox level a command will grade at, or sandbox.IsolationError (one line naming the flag)."""
-    if isolation is None:
-        return sandbox.require_isolation(allow_weak)
-    if isolation not in sandbox.STRONG and not allow_weak:
-        raise sandbox.IsolationError(f"--isolation {isolation} is a weak level ({sandbox.COVERS[isolation]}); pass "
-                                     f"{sandbox.WEAK_FLAG} as well to accept it")
-    return isolation
+    """The sandbox level a command will grade at (--isolation, --allow-weak-isolation), or sandbox.IsolationError
+    (one line naming the flag)."""
+    return sandbox.require_isolation(allow_weak, isolation)
 
 
 def _json_line(row: dict[str, Any]) -> str:

@@ -232,11 +232,22 @@ def is_strong(level: str) -> bool:
     return level in STRONG
 
 
-def require_isolation(allow_weak: bool = False) -> str:
-    """The level graded programs will run at. If it is weak ("uid", "rlimits"), raises IsolationError (one line
-    naming --allow-weak-isolation) unless `allow_weak`; once accepted, a weak level stays accepted in this process,
-    so `run` and `grader.grade_batch` use it. Call it before any model work (train, eval, grade)."""
+def require_isolation(allow_weak: bool = False, level: str | None = None) -> str:
+    """The level graded programs will run at: `level` if given (checked to work here), else the detected one. If it is
+    weak ("uid", "rlimits"), raises IsolationError (one line naming --allow-weak-isolation) unless `allow_weak`;
+    once accepted, the detected weak level stays accepted in this process, so `run` and `grader.grade_batch` use it.
+    Call it before any model work (train, eval, grade), with the command's --allow-weak-isolation (and
+    --isolation, if it has one)."""
     global _weak_accepted
+    if level is not None:
+        if level not in LEVELS:
+            raise ValueError(f"isolation={level!r}: expected one of {', '.join(LEVELS)}")
+        if level not in STRONG and not allow_weak:
+            raise IsolationError(f"isolation {level!r} is a weak level ({COVERS[level].removeprefix('WEAK: ')}); "
+                                 f"pass {WEAK_FLAG} as well to accept it")
+        if not _level_works(level):
+            raise IsolationError(f"isolation {level!r} does not work here: {_why_not.get(level, '?')}")
+        return level
     level = isolation_level()
     if level in STRONG:
         return level
