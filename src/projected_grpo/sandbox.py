@@ -61,6 +61,7 @@ What it does not cover
 from __future__ import annotations
 
 import errno
+import glob
 import math
 import os
 import platform
@@ -555,7 +556,10 @@ def _system_tree() -> tuple[list[tuple[str, str]], list[str], list[str]]:
         if not any((p + "/").startswith(b + "/") for b in binds):
             binds.append(p)
     paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
-    hidden = sorted({os.path.realpath(paths[k]) for k in ("purelib", "platlib")})
+    sites = {paths[k] for k in ("purelib", "platlib")}
+    for prefix in prefixes | {"/usr", "/usr/local"}:  # distributions keep more (e.g. /usr/lib/python3/dist-packages)
+        sites.update(glob.glob(os.path.join(prefix, "lib*", "python3*", "*-packages")))
+    hidden = sorted({os.path.realpath(s) for s in sites})
     hidden = [s for s in hidden if os.path.isdir(s) and any((s + "/").startswith(b + "/") for b in binds)]
     return links, binds, hidden
 
@@ -905,8 +909,12 @@ def _map_uid(proc: subprocess.Popen, sync_r: int, ctl_w: int, uid: int) -> None:
             with open(f"/proc/{proc.pid}/{name}", "w") as f:
                 f.write(f"{SANDBOX_UID} {uid} 1\n")
         os.write(ctl_w, b"g")
-    except OSError as e:  # it died meanwhile, or the kernel refused: the run fails and says so
+    except OSError as e:  # it died meanwhile, or the kernel refused: tell it to stop; the run fails and says so
         logger.debug(f"userns uid map for {proc.pid} failed: {e}")
+        try:
+            os.write(ctl_w, b"x")
+        except OSError:
+            pass
 
 
 def _kill(proc: subprocess.Popen, uid: int) -> None:
