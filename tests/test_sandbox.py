@@ -261,6 +261,8 @@ TRACES = {  # name -> statement that leaves a trace (or prepares one)
     "posix_mq": "import ctypes; assert ctypes.CDLL('librt.so.1', use_errno=True).mq_open(b'/pgseal', 0o102, 0o666, None) >= 0, 'mq'",
     "chmod_cwd": "os.chmod('.', 0o777)",
     "utime_cwd": "os.utime('.')",
+    "exec": "exec_missing()",  # sealed: EPERM; unsealed: only "no such file"
+    "set_name": "import ctypes; assert ctypes.CDLL(None, use_errno=True).prctl(15, b'pg-seal', 0, 0, 0) == 0, 'name'",
 }
 
 
@@ -268,12 +270,14 @@ TRACES = {  # name -> statement that leaves a trace (or prepares one)
 def test_a_sealed_run_cannot_leave_a_trace(level):
     if sandbox.seccomp_filter(True) is None:
         pytest.skip("no seccomp filter for this architecture")
-    prog = ("import os\nr = {}\n" + "".join(
+    prog = ("import os\nr = {}\ndef exec_missing():\n    try:\n        os.execv('/nonexistent-pg', ['x'])\n"
+            "    except FileNotFoundError:\n        pass\n" + "".join(
         f"try:\n    {stmt}\n    r[{name!r}] = 'done'\nexcept (OSError, AssertionError):\n    r[{name!r}] = 'refused'\n"
         for name, stmt in TRACES.items()) + "r['read'] = len(open('/usr/bin/env', 'rb').read(10))\nresult = r\n")
     sealed, unsealed = eval(report(prog, isolation=level, seal=True)), eval(report(prog, isolation=level))
     assert sealed == {**{name: "refused" for name in TRACES}, "read": 10}, sealed
     assert unsealed["create_in_workdir"] == "done" and unsealed["mkdir"] == "done"  # the same code, unsealed
+    assert unsealed["set_name"] == unsealed["exec"] == "done"
 
 
 @pytest.mark.parametrize("level", UNPRIVILEGED)

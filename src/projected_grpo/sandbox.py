@@ -45,9 +45,10 @@ Two *weak* levels remain, refused unless the caller accepts them (`require_isola
 
 At every level the same seccomp filter (x86_64, aarch64) makes fork, vfork and non-thread clones fail (threads work;
 no new process can be made), and refuses keyrings, io_uring, ptrace, namespace and mount calls. `seal=True` adds the
-*seal*: no file may be opened for writing, created, renamed, removed or have its metadata changed, and no socket,
-SysV or POSIX IPC object may be made or used. A sealed run can persist nothing any other run can read, at any level;
-the grader seals every run that holds the canonical solution.
+*seal*: no file may be opened for writing, created, renamed, removed or have its metadata changed, no socket,
+SysV or POSIX IPC object may be made or used, no program executed and no process name set. A sealed run can persist
+nothing any other run can read, at any level; the grader seals every run that holds the canonical solution. Every
+run is also made non-dumpable (its /proc memory and environment are root's alone).
 
 What it does not cover
 - The program can always find and write to the channel (it runs in the same process as whatever the caller put
@@ -494,6 +495,8 @@ if os.getppid() != _pp:
 """
 
 _BOOT_TAIL = """\
+import ctypes
+ctypes.CDLL(None).prctl(4, ctypes.c_ulong(0))  # not dumpable: its /proc files (memory, environ) are root's alone
 if _bpf:
     import ctypes
 
@@ -636,7 +639,7 @@ _SYSCALLS = {  # name -> number, per architecture (x86_64 first, then the generi
         fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
         utimensat=280, setxattr=188, lsetxattr=189, fsetxattr=190, removexattr=197, lremovexattr=198,
         fremovexattr=199, setxattrat=463, removexattrat=466, file_setattr=469, name_to_handle_at=303,
-        open_by_handle_at=304),
+        open_by_handle_at=304, execve=59, execveat=322, prctl=157),
     "aarch64": dict(
         clone=220, clone3=435, add_key=217, request_key=218, keyctl=219, io_uring_setup=425, io_uring_enter=426,
         io_uring_register=427, ptrace=117, process_vm_readv=270, process_vm_writev=271, unshare=97, setns=268,
@@ -649,7 +652,7 @@ _SYSCALLS = {  # name -> number, per architecture (x86_64 first, then the generi
         renameat=38, renameat2=276, linkat=37, symlinkat=36, unlinkat=35, truncate=45, fchmod=52, fchmodat=53,
         fchmodat2=452, fchown=55, fchownat=54, utimensat=88, setxattr=5, lsetxattr=6, fsetxattr=7, removexattr=14,
         lremovexattr=15, fremovexattr=16, setxattrat=463, removexattrat=466, file_setattr=469,
-        name_to_handle_at=264, open_by_handle_at=265),
+        name_to_handle_at=264, open_by_handle_at=265, execve=221, execveat=281, prctl=167),
 }
 _ALWAYS_DENIED = ("add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter", "io_uring_register",
                   "ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount", "umount2",
@@ -661,7 +664,7 @@ _SEAL_DENIED = ("socket", "socketpair", "shmget", "shmat", "shmctl", "msgget", "
                 "symlink", "symlinkat", "unlink", "unlinkat", "rmdir", "truncate", "chmod", "fchmod", "fchmodat",
                 "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes", "futimesat", "utimensat",
                 "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "setxattrat",
-                "removexattrat", "file_setattr", "name_to_handle_at", "open_by_handle_at")
+                "removexattrat", "file_setattr", "name_to_handle_at", "open_by_handle_at", "execve", "execveat")
 # open flags that write or create: O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND | __O_TMPFILE
 _WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000 | 0o20000000
 _seccomp_cache: dict[tuple[bool, bool], bytes | None] = {}
@@ -671,7 +674,7 @@ def seccomp_filter(seal: bool = False, *, allow_fork: bool = False) -> bytes | N
     """A seccomp-bpf program (see the module docstring): fork, vfork and clone without CLONE_THREAD fail with EPERM
     (unless `allow_fork`, for tests of the other defences), clone3 with ENOSYS (libc then creates threads with
     clone), the always-denied calls with EPERM; sealed, also every call in _SEAL_DENIED, open/openat with a writing
-    flag, and openat2 (ENOSYS). Any other ABI (x32, i386) kills the process. None on other architectures."""
+    flag, prctl(PR_SET_NAME), and openat2 (ENOSYS). Any other ABI (x32, i386) kills the process. None on other architectures."""
     key = (seal, allow_fork)
     if key in _seccomp_cache:
         return _seccomp_cache[key]
@@ -694,6 +697,8 @@ def seccomp_filter(seal: bool = False, *, allow_fork: bool = False) -> bytes | N
             prog.append((jeq, "eperm", 0, nr[name]))
     if seal:
         prog.append((jeq, "enosys", 0, nr["openat2"]))
+        # prctl(PR_SET_NAME): a process's name is world-readable in /proc, i.e. a message to whoever runs alongside
+        prog += [(jeq, 0, 3, nr["prctl"]), (ld, 0, 0, 16), (jeq, "eperm", "allow", 15), (ld, 0, 0, 0)]
         for name, arg in (("open", 1), ("openat", 2)):  # flags: args[arg], low 32 bits (little-endian)
             if name in nr:
                 prog += [(jeq, 0, 3, nr[name]), (ld, 0, 0, 16 + 8 * arg), (jset, "eperm", "allow", _WRITE_FLAGS),
@@ -844,14 +849,18 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
         boot = [_python(), "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTS[level],
                 str(LEVELS.index(level)), str(ch_w), str(ctl_r), str(sync_w), str(in_uid), str(in_gid),
                 str(memory_mb << 20), str(cpu), str(nproc), str(FSIZE_MB << 20), str(NOFILE),
-                str(-1 if level == "bwrap" else os.getpid()), "" if level == "bwrap" or bpf is None else bpf.hex()]
+                str(-1 if level == "bwrap" else os.getpid()),
+                # bwrap installs the unsealed filter before it execs the interpreter; the seal (which forbids exec)
+                # is stacked on it by the bootstrap
+                "" if bpf is None or (level == "bwrap" and not seal) else bpf.hex()]
         passed = [ch_w, ctl_r] + ([sync_w] if sync_w >= 0 else [])
         if level == "bwrap":
             argv = _bwrap_args() + ["--bind", workdir, WORKDIR, "--chdir", WORKDIR]
-            if bpf is not None:
+            base_bpf = seccomp_filter(False, allow_fork=_allow_fork)
+            if base_bpf is not None:
                 sec_r, sec_w = os.pipe()
                 fds += [sec_r, sec_w]
-                os.write(sec_w, bpf)  # a few hundred bytes: fits in the pipe buffer
+                os.write(sec_w, base_bpf)  # a few hundred bytes: fits in the pipe buffer
                 os.close(sec_w)
                 fds.remove(sec_w)
                 passed.append(sec_r)
