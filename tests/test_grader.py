@@ -475,6 +475,12 @@ def test_batch_order_rewards_and_errors():
         grade_batch([ADD], [], [None])
     with pytest.raises(ValueError, match="unknown reward"):
         grade_batch([ADD], ["x"], [None], reward="nope")
+    for bad, match in (({"workers": -1}, "workers=-1: expected 0 .one per available core."),
+                       ({"timeout": math.nan}, "timeout=nan"), ({"timeout": 0}, "timeout=0"),
+                       ({"reward_kwargs": {"accuracy": 2}}, "accuracy=2")):
+        with pytest.raises(ValueError, match=match):
+            grade_batch([ADD], ["x"], [None], **bad)
+    assert grade_batch([ADD], [sol("return a + b")], [None], workers=0, timeout=T)[0].gt_pass  # 0: one per core
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ import functools
 import itertools
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -1014,12 +1015,16 @@ def default_workers() -> int:
 
 def resolve_workers(workers: int | None) -> int:
     """--workers semantics shared by every command: None or 0 = one grader process per available core."""
-    if workers is None or workers == 0:
+    try:
+        n = None if workers is None else operator.index(workers)
+    except TypeError:
+        n = -1
+    if n is None or n == 0:
         return default_workers()
-    if type(workers) is not int or workers < 0:
+    if n < 0:
         raise ValueError(f"workers={workers!r}: expected 0 (one per available core) or a positive number of grader "
                          "processes")
-    return workers
+    return n
 
 
 def grade(problem: Problem, completion: str, hint: Hint | None, *, reward: str = "correct_or_hinted",
@@ -1047,11 +1052,11 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
                          f"{len(hints)} hints; pass one of each per completion")
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; expected one of: {', '.join(REWARDS)}")
-    if not (type(timeout) in (int, float) and math.isfinite(timeout) and timeout > 0):
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout={timeout!r}: expected a positive, finite number of seconds per phase")
     workers = resolve_workers(workers)
     accuracy = (reward_kwargs or {}).get("accuracy", 1.0)
-    if not (type(accuracy) in (int, float) and 0.0 <= accuracy <= 1.0):
+    if not (isinstance(accuracy, int | float) and 0.0 <= accuracy <= 1.0):
         raise ValueError(f"monitor accuracy={accuracy!r}: expected a probability in [0, 1]")
     level = sandbox._resolve(isolation)
     plans = [_plan(p, c, h) for p, c, h in zip(problems, completions, hints, strict=True)]
