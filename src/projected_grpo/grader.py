@@ -1275,10 +1275,14 @@ def main(argv: list[str]) -> int:
                 f.flush()
                 written += 1
 
-        grades = grade_batch([problems[r["id"]] for _, r in rows], [r["completion"] for _, r in rows], hints,
-                             workers=workers, reward=args.reward, progress=sys.stderr.isatty(),
-                             timeout=args.timeout, isolation=level, on_grade=write,
-                             reward_kwargs={"seed": args.seed, "accuracy": args.monitor_accuracy})
+        try:
+            grades = grade_batch([problems[r["id"]] for _, r in rows], [r["completion"] for _, r in rows], hints,
+                                 workers=workers, reward=args.reward, progress=sys.stderr.isatty(),
+                                 timeout=args.timeout, isolation=level, on_grade=write,
+                                 reward_kwargs={"seed": args.seed, "accuracy": args.monitor_accuracy})
+        except (ValueError, sandbox.IsolationError) as e:  # the verdicts made so far stay in --out
+            print(f"projected-grpo grade: {e} ({written} verdicts written to {args.out})", file=sys.stderr)
+            return 2
     dt = time.monotonic() - t0
     n = len(grades)
     labels = Counter(g.label for g in grades)
