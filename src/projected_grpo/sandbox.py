@@ -27,14 +27,15 @@ What one `run(program)` does
 
 Isolation levels. The two *strong* levels give the same guarantees (docs/isolation.md says exactly which):
 - "bwrap": bubblewrap with new user, pid, network, ipc, uts and cgroup namespaces, `--disable-userns`,
-  `--die-with-parent`, `--new-session`, uid/gid 65534 inside.
+  `--die-with-parent`, `--new-session`, uid/gid 65534 inside, /proc/sys hidden (started by root, bubblewrap maps
+  the sandbox to root outside, which owns /proc/sys). Tried first unless root.
 - "userns": the same built here from the kernel's primitives (no binary needed): the bootstrap unshares user,
   mount, pid, network, ipc, uts and cgroup namespaces, forks the program as pid 1 of its pid namespace, mounts a
   minimal root (tmpfs) with read-only binds of /usr, /lib..., the Python installation (its site-packages hidden),
   a fresh /proc, a minimal read-only /dev, private 16 MiB tmpfs /tmp and /dev/shm and the working directory at
   /sandbox, `pivot_root`s into it, detaches the host's tree, drops every capability and becomes uid 65534. Run as
   root, uid 65534 maps to a host uid of its own per run (written by this process), so RLIMIT_NPROC binds and every
-  process of the run can be found and killed; run unprivileged, it maps to the caller's uid.
+  process of the run can be found and killed; run unprivileged, it maps to the caller's uid. Tried first as root.
   At both: the home directory, the project, the data set, the host's /tmp and other processes are not visible; there
   is no network; when the namespace's first process dies the kernel kills everything left in it.
 Two *weak* levels remain, refused unless the caller accepts them (`require_isolation(allow_weak=True)`, the CLIs'
