@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -14,12 +15,18 @@ import pytest
 from projected_grpo import sandbox
 
 LEVEL = sandbox.isolation_level()
-# Levels this machine can run: bwrap if it works, uid as root, rlimits always.
-LEVELS = (["bwrap"] if LEVEL == "bwrap" else []) + (["uid"] if os.geteuid() == 0 else []) + ["rlimits"]
+AVAILABLE = sandbox.available_levels()  # every level that works here (CI, as root: bwrap, userns and uid)
+# Levels this machine can run: those, and rlimits always (explicitly requested, even as root).
+LEVELS = AVAILABLE + [lv for lv in ["rlimits"] if lv not in AVAILABLE]
 # Levels where the program runs as an unprivileged user (the isolation tests).
 UNPRIVILEGED = [lv for lv in LEVELS if lv != "rlimits"]
-needs_bwrap = pytest.mark.skipif(LEVEL != "bwrap", reason="bubblewrap does not work on this machine")
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# The strong levels: each must hide the host and the network (both run here when bwrap and user namespaces work).
+STRONG = [lv for lv in AVAILABLE if lv in sandbox.STRONG]
+if not STRONG:  # still collect the tests, and report them as skipped
+    STRONG = [pytest.param("bwrap", marks=pytest.mark.skip(reason="no strong sandbox level works on this machine"))]
+_ROOT = Path(__file__).resolve().parents[1]
+DATA = next((d for d in (_ROOT / ".." / "shared" / "data", _ROOT.parents[1] / "shared" / "data") if d.is_dir()),
+            _ROOT / ".." / "shared" / "data")
 
 # Helpers written into child programs.
 SEND = "import os\ndef send(b):\n    os.write(3, len(b).to_bytes(4, 'big') + b)\n"
@@ -51,6 +58,14 @@ def test_isolation_level_is_cached_and_known(monkeypatch):
     assert sandbox.isolation_level() in sandbox.LEVELS
     monkeypatch.setattr(sandbox, "_trial", lambda level: pytest.fail("isolation_level ran a second trial"))
     assert sandbox.isolation_level() == LEVEL  # decided once per process
+    info = sandbox.isolation_info()  # the one line that says it (logs, config.json, eval.json, reports)
+    assert info.startswith(f"sandbox isolation: {LEVEL} (") and len(info.splitlines()) == 1
+
+
+def test_userns_is_available_where_namespaces_work():
+    # CI (root, kernel with user namespaces) must be able to test the namespace level even where bwrap works
+    if os.geteuid() == 0 or Path("/proc/sys/user/max_user_namespaces").read_text().strip() != "0":
+        assert "userns" in AVAILABLE, sandbox._why_not
 
 
 def test_frames_arrive_in_order_with_times():
@@ -93,13 +108,27 @@ def test_memory_limit(level):
     assert report(prog, isolation=level) == "MemoryError"
 
 
+FORK_BOMB = ("import os, time\nn = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nresult = n\n")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_no_new_process_at_any_level(level):
+    # the seccomp filter refuses every new process (fork, vfork, posix_spawn's clone) at every level
+    if sandbox.seccomp_filter() is None:
+        pytest.skip("no seccomp filter for this architecture")
+    prog = FORK_BOMB + ("import subprocess, sys\ntry:\n    subprocess.run([sys.executable, '-c', 'pass'])\n"
+                        "    result = (n, 'spawned')\nexcept OSError:\n    result = (n, 'refused')\n")
+    assert report(prog, isolation=level) == "(0, 'refused')"
+
+
 @pytest.mark.parametrize("level", UNPRIVILEGED)
-def test_fork_bomb_is_bounded(level):
-    prog = ("import os, time\nn = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n"
-            "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nresult = n\n")
-    n = int(report(prog, isolation=level))
-    # bwrap: the seccomp filter refuses every new process; uid: RLIMIT_NPROC on the run's own uid
-    assert n == 0 if level == "bwrap" and sandbox.seccomp_no_fork() else n < sandbox.NPROC
+def test_fork_bomb_is_bounded_without_the_filter(level):
+    # with forks allowed (the filter missing), the run's own uid and RLIMIT_NPROC still bound it ("bwrap" as root maps
+    # to root outside, where RLIMIT_NPROC does not bind: there the filter is the bound)
+    if level == "bwrap" and os.geteuid() == 0:
+        pytest.skip("bwrap as root: the seccomp filter is the only bound")
+    assert int(report(FORK_BOMB, isolation=level, _allow_fork=True)) < sandbox.NPROC
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -117,16 +146,35 @@ def test_rlimits_cannot_be_raised(level):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_nothing_survives_the_run(level):
+    # forks allowed here, to test what kills the processes a run leaves (the filter forbids making them at all)
     marker = f"pg-sandbox-survivor-{level}-{os.getpid()}"
     prog = ("import os, subprocess, sys\n"
             f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n"
             f"if os.fork() == 0:\n    os.setsid()\n    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n")
     if level == "rlimits":  # no uid of its own: only the process group is killed, so no setsid escapee here
         prog = prog.split("if os.fork()")[0]
-    sandbox.run(prog, isolation=level, timeout=20.0)
+    sandbox.run(prog, isolation=level, timeout=20.0, _allow_fork=True)
     time.sleep(0.2)
     alive = [p for p in os.listdir("/proc") if p.isdigit() and marker.encode() in _cmdline(p)]
     assert alive == []
+
+
+@pytest.mark.parametrize("level", [lv for lv in UNPRIVILEGED if lv == "uid"])  # where the host's /tmp is visible
+def test_a_thread_behind_a_zombie_leader_does_not_survive(level, tmp_path):
+    # a forked child leaves the session, starts a thread and ends its main thread with a raw exit syscall: its
+    # leader is a zombie while the thread runs on. The sweep of the run's uid must kill it (forks allowed here).
+    tmp_path.chmod(0o777)
+    marker = tmp_path / "alive"
+    prog = (f"import os, threading, time, ctypes\nif os.fork() == 0:\n    os.setsid()\n"
+            f"    def worker():\n        for _ in range(100):\n            try:\n"
+            f"                open({str(marker)!r}, 'a').write('x')\n            except OSError:\n                pass\n"
+            f"            time.sleep(0.05)\n    threading.Thread(target=worker).start()\n    time.sleep(0.2)\n"
+            f"    ctypes.CDLL(None).syscall({ {'x86_64': 60, 'aarch64': 93}.get(os.uname().machine, 60)}, 0)\n"
+            f"else:\n    time.sleep(0.6)\n")
+    sandbox.run(prog, isolation=level, timeout=20.0, _allow_fork=True)
+    size = marker.stat().st_size if marker.exists() else 0
+    time.sleep(0.5)
+    assert (marker.stat().st_size if marker.exists() else 0) == size  # nothing writes after the run
 
 
 def _cmdline(pid: str) -> bytes:
@@ -165,10 +213,80 @@ def test_channel_framing_violation_kills_the_child():
     assert res.channel_error is not None and res.channel_error.startswith("bad frame") and res.wall_s < 5
 
 
+def test_checkpoints_are_acked_and_frames_record_it():
+    # a program that waits for the ack before writing on proves it; one that writes ahead does not
+    prog = SEND + ("send(b'a')\nsend(b'')\nassert os.read(4, 1) == b'a'\nsend(b'b')\n"
+                   "os.write(3, b''.join(len(x).to_bytes(4, 'big') + x for x in (b'', b'c')))\n")
+    res = sandbox.run(prog, phases=3, timeout=20.0)
+    assert frames(res) == [b"a", b"b", b"c"] and len(res.checkpoints) == 2
+    assert res.frame_phases == [0, 1, 2]
+    assert res.frame_acks == [0, 1, 1]  # "c" came in the same write as its checkpoint: read before the ack
+
+
+def test_an_oversized_frame_keeps_only_its_prefix():
+    prog = SEND + "send(b'x' * (4 << 20))\nsend(b'small')\n"
+    res = sandbox.run(prog, timeout=20.0, max_frame=1000)
+    assert res.channel_error is None and res.frame_sizes == [4 << 20, 5]
+    assert len(res.frames[0][1]) == sandbox.FRAME_PREFIX and res.truncated(0) and not res.truncated(1)
+    assert res.frames[1][1] == b"small"
+
+
+def test_too_many_frames_or_bytes_break_the_channel():
+    res = sandbox.run(SEND + "for _ in range(1000):\n    send(b'x')\nimport time\ntime.sleep(30)\n", timeout=20.0,
+                      max_frames=50)
+    assert res.channel_error == "bad frame: more than 50 frames" and len(res.frames) == 50 and res.wall_s < 10
+    res = sandbox.run(SEND + "send(b'x' * (1 << 20))\nimport time\ntime.sleep(30)\n", timeout=20.0,
+                      max_channel=1 << 16)
+    assert res.channel_error is not None and res.channel_error.startswith("bad frame") and res.wall_s < 10
+
+
 def test_channel_is_not_inherited_by_grandchildren():
     # the bootstrap moves the channel to fd 3 non-inheritable: a spawned process cannot write to it
     prog = ("import subprocess, sys\nsubprocess.run([sys.executable, '-c', \"import os; os.write(3, b'\\\\0\\\\0\\\\0\\\\1x')\"])\n")
-    assert sandbox.run(prog, timeout=20.0).frames == []
+    assert sandbox.run(prog, timeout=20.0, _allow_fork=True).frames == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The seal: a sealed run leaves no trace another run could read
+
+TRACES = {  # name -> statement that leaves a trace (or prepares one)
+    "create_in_workdir": "open('t', 'w').write('x')",
+    "create_in_tmp": "open('/tmp/pg-seal-' + str(os.getpid()), 'w').write('x')",
+    "append_devnull": "open('/dev/null', 'a').write('x')",
+    "mkdir": "os.mkdir('d')",
+    "fifo": "os.mkfifo('f')",
+    "unix_socket": "import socket; socket.socket(socket.AF_UNIX).bind('\\0pg-seal')",
+    "tcp_socket": "import socket; socket.socket()",
+    "sysv_shm": "import ctypes; assert ctypes.CDLL(None, use_errno=True).shmget(0, 4096, 0o1666) >= 0, 'shmget'",
+    "posix_mq": "import ctypes; assert ctypes.CDLL('librt.so.1', use_errno=True).mq_open(b'/pgseal', 0o102, 0o666, None) >= 0, 'mq'",
+    "chmod_cwd": "os.chmod('.', 0o777)",
+    "utime_cwd": "os.utime('.')",
+    "exec": "exec_missing()",  # sealed: EPERM; unsealed: only "no such file"
+    "set_name": "import ctypes; assert ctypes.CDLL(None, use_errno=True).prctl(15, b'pg-seal', 0, 0, 0) == 0, 'name'",
+}
+
+
+@pytest.mark.parametrize("level", UNPRIVILEGED)
+def test_a_sealed_run_cannot_leave_a_trace(level):
+    if sandbox.seccomp_filter(True) is None:
+        pytest.skip("no seccomp filter for this architecture")
+    prog = ("import os\nr = {}\ndef exec_missing():\n    try:\n        os.execv('/nonexistent-pg', ['x'])\n"
+            "    except FileNotFoundError:\n        pass\n" + "".join(
+        f"try:\n    {stmt}\n    r[{name!r}] = 'done'\nexcept (OSError, AssertionError):\n    r[{name!r}] = 'refused'\n"
+        for name, stmt in TRACES.items()) + "r['read'] = len(open('/usr/bin/env', 'rb').read(10))\nresult = r\n")
+    sealed, unsealed = eval(report(prog, isolation=level, seal=True)), eval(report(prog, isolation=level))
+    assert sealed == {**{name: "refused" for name in TRACES}, "read": 10}, sealed
+    assert unsealed["create_in_workdir"] == "done" and unsealed["mkdir"] == "done"  # the same code, unsealed
+    assert unsealed["set_name"] == unsealed["exec"] == "done"
+
+
+@pytest.mark.parametrize("level", UNPRIVILEGED)
+def test_no_keyrings(level):
+    # the session keyring is inherited from the grading process: with keys allowed, runs could talk through it
+    prog = ("import ctypes\nlc = ctypes.CDLL(None, use_errno=True)\n"
+            f"r = lc.syscall({ {'x86_64': 248, 'aarch64': 217}.get(os.uname().machine, 248)}, b'user', b'pg', b'x', 1, "
+            "ctypes.c_long(-3))\nresult = (r, ctypes.get_errno())\n")
+    assert report(prog, isolation=level) == f"(-1, {errno.EPERM})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,7 +305,7 @@ def test_read_back_regular_file_only():
 @pytest.mark.parametrize("level", UNPRIVILEGED)
 def test_runs_unprivileged(level):
     uid = int(report("import os\nresult = os.getuid()", isolation=level))
-    assert uid != 0 and (level != "bwrap" or uid == sandbox.SANDBOX_UID)
+    assert uid != 0 and (level not in sandbox.STRONG or uid == sandbox.SANDBOX_UID)
 
 
 @pytest.mark.parametrize("level", UNPRIVILEGED)
@@ -206,16 +324,33 @@ def test_cannot_write_to_home_or_project(level, tmp_path):
     assert not any(os.path.exists(t) for t in targets)
 
 
-@needs_bwrap
-def test_bwrap_hides_host_files_and_processes():
-    prog = (f"import os\nresult = [os.path.exists(p) for p in ('/home', {os.path.expanduser('~/.bashrc')!r}, {str(DATA)!r}, "
-            f"{str(Path(__file__).resolve())!r}, '/etc/passwd')] + [len([p for p in os.listdir('/proc') if p.isdigit()])]\n")
-    *visible, n_pids = eval(report(prog))
-    assert visible == [False] * 5 and n_pids <= 3  # its own pid namespace: init + the program (+ a transient)
+@pytest.mark.parametrize("level", STRONG)
+def test_strong_levels_hide_host_files_and_processes(level, tmp_path):
+    (tmp_path / "visible").write_text("x")
+    tmp_path.chmod(0o755)
+    paths = ["/home", os.path.expanduser("~/.bashrc"), str(DATA), str(Path(__file__).resolve()), "/etc/passwd",
+             str(tmp_path / "visible"), "/run", "/var/tmp", "/sys/kernel"]
+    prog = (f"import os\nresult = [os.path.exists(p) for p in {paths!r}] + "
+            "[len([p for p in os.listdir('/proc') if p.isdigit()])]\n")
+    *visible, n_pids = eval(report(prog, isolation=level))
+    assert visible == [False] * len(paths) and n_pids <= 3  # its own pid namespace: init + the program (+ a transient)
 
 
-@needs_bwrap
-def test_bwrap_has_no_network():
+@pytest.mark.parametrize("level", STRONG)
+def test_strong_levels_keep_tmp_private_and_the_system_read_only(level):
+    # (bwrap run as root maps the sandbox to root outside, the owner of /proc/sys: host-global settings such as
+    # kernel.core_pattern must still be out of reach. Opened for writing only, never written.)
+    marker = f"pg-private-{level}-{os.getpid()}"
+    prog = (f"import os\nr = []\nfor p in ('/tmp/{marker}', '/dev/shm/{marker}', '/usr/{marker}', '/dev/{marker}', "
+            "'/proc/sys/kernel/printk_ratelimit', '/proc/sys/kernel/core_pattern'):\n    try:\n"
+            "        os.close(os.open(p, os.O_WRONLY | os.O_CREAT))\n        r.append('w')\n    except OSError:\n"
+            "        r.append('-')\nresult = r\n")
+    assert eval(report(prog, isolation=level)) == ["w", "w", "-", "-", "-", "-"]
+    assert not os.path.exists(f"/tmp/{marker}") and not os.path.exists(f"/dev/shm/{marker}")  # private, gone
+
+
+@pytest.mark.parametrize("level", STRONG)
+def test_strong_levels_have_no_network(level):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -224,45 +359,89 @@ def test_bwrap_has_no_network():
     prog = (f"import socket\nr = []\nfor addr in (('127.0.0.1', {port}), ('1.1.1.1', 53)):\n    try:\n"
             "        socket.create_connection(addr, timeout=2).close()\n        r.append('connected')\n"
             "    except OSError as e:\n        r.append(type(e).__name__)\nresult = r\n")
-    got = report(prog)
+    got = report(prog, isolation=level)
     with pytest.raises(TimeoutError):
         server.accept()
     server.close()
     assert "connected" not in got
 
 
-@needs_bwrap
-def test_bwrap_hides_installed_packages():
+@pytest.mark.parametrize("level", STRONG)
+def test_strong_levels_hide_installed_packages(level):
     site = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})["purelib"]
-    got = report(f"import os\nresult = os.listdir({os.path.realpath(site)!r}) if os.path.isdir({site!r}) else []\n")
+    got = report(f"import os\nresult = os.listdir({os.path.realpath(site)!r}) if os.path.isdir({site!r}) else []\n",
+                 isolation=level)
     assert got == "[]"
+
+
+def test_userns_drops_every_capability_and_maps_to_a_uid_of_its_own():
+    if "userns" not in AVAILABLE:
+        pytest.skip("user namespaces do not work here")
+    prog = ("st = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+            "result = ([st[k].strip() for k in ('CapEff', 'CapPrm', 'CapBnd', 'CapAmb', 'NoNewPrivs')], "
+            "open('/proc/self/uid_map').read().split())\n")
+    caps, uid_map = eval(report(prog, isolation="userns"))
+    assert caps == ["0000000000000000"] * 4 + ["1"]
+    inside, outside, count = map(int, uid_map)
+    assert (inside, count) == (sandbox.SANDBOX_UID, 1)
+    # as root: a host uid of its own (so RLIMIT_NPROC binds per run); unprivileged: the caller's own uid
+    assert outside >= sandbox._UID_BASE if os.geteuid() == 0 else outside == os.geteuid()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Choosing the level
 
-def test_without_bwrap_falls_back_with_one_loud_warning(monkeypatch):
+@pytest.fixture
+def fresh_detection(monkeypatch):
+    """Detection state reset for one test (restored afterwards)."""
     from loguru import logger
 
-    monkeypatch.setattr(sandbox, "_level", None)
-    monkeypatch.setattr(sandbox, "_warned", set())
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    for name, value in (("_level", None), ("_works", {}), ("_why_not", {}), ("_weak_accepted", False)):
+        monkeypatch.setattr(sandbox, name, value)
     messages: list[str] = []
-    sink = logger.add(messages.append, level="WARNING")
-    try:
-        level = sandbox.isolation_level()
-        assert sandbox.isolation_level() == level
-    finally:
-        logger.remove(sink)
-    assert level == ("uid" if os.geteuid() == 0 else "rlimits")
-    assert len(messages) == 1 and "NOT ISOLATED" in messages[0] and "bwrap not found" in messages[0]
+    sink = logger.add(messages.append, level="INFO", format="{level} {message}")
+    yield messages
+    logger.remove(sink)
+
+
+def test_without_bwrap_namespaces_are_built_here(monkeypatch, fresh_detection):
+    if "userns" not in AVAILABLE:
+        pytest.skip("user namespaces do not work here")
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    assert sandbox.isolation_level() == "userns" and sandbox.isolation_level() == "userns"
+    assert sandbox.require_isolation() == "userns"  # strong: no flag needed
+    assert len(fresh_detection) == 1 and fresh_detection[0].startswith("INFO sandbox isolation: userns (")
+    assert os.geteuid() == 0 or "bwrap not found" in fresh_detection[0]  # as root, userns is tried first
+
+
+def test_a_weak_level_is_refused_unless_accepted(monkeypatch, fresh_detection):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    real = sandbox._trial
+    monkeypatch.setattr(sandbox, "_trial", lambda level: "broken here" if level == "userns" else real(level))
+    weak = "uid" if os.geteuid() == 0 else "rlimits"
+    assert sandbox.isolation_level() == weak
+    assert len(fresh_detection) == 1 and fresh_detection[0].startswith(f"WARNING sandbox isolation: {weak} (WEAK")
+    for refused in (lambda: sandbox.require_isolation(False), lambda: sandbox.run("pass")):
+        with pytest.raises(sandbox.IsolationError, match="--allow-weak-isolation") as e:
+            refused()
+        assert len(str(e.value).splitlines()) == 1 and "bwrap not found" in str(e.value) and "broken here" in str(e.value)
+    assert sandbox.require_isolation(True) == weak  # accepted once, for the whole process
+    assert sandbox.run("pass", timeout=20.0).isolation == weak
+
+
+def test_a_forced_level_must_work_and_a_weak_one_be_accepted(monkeypatch, fresh_detection):
+    monkeypatch.setattr(sandbox, "_trial", lambda level: "missing here" if level == "bwrap" else None)
+    with pytest.raises(sandbox.IsolationError, match="isolation 'bwrap' does not work here: missing here"):
+        sandbox.require_isolation(False, "bwrap")
+    with pytest.raises(sandbox.IsolationError, match="'rlimits' is a weak level.*--allow-weak-isolation"):
+        sandbox.require_isolation(False, "rlimits")
+    assert sandbox.require_isolation(True, "rlimits") == "rlimits" and sandbox.require_isolation(False, "userns") == "userns"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is about running programs as root")
-def test_as_root_refuses_when_nothing_unprivileged_works(monkeypatch):
-    monkeypatch.setattr(sandbox, "_level", None)
+def test_as_root_refuses_when_nothing_unprivileged_works(monkeypatch, fresh_detection):
     monkeypatch.setattr(sandbox, "_trial", lambda level: f"{level} broken")
-    with pytest.raises(RuntimeError, match="bwrap broken.*uid broken"):
+    with pytest.raises(sandbox.IsolationError, match="userns: userns broken; bwrap: bwrap broken; .*uid broken"):
         sandbox.isolation_level()
 
 
