@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
         level = world.isolation(cfg.allow_weak_isolation)
         loaded, knobs, fp = world.load_model(cfg)
         step = checkpoint.load_run_knobs(run, knobs, e.keep_quarantine, fp) if run else 0
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # bad settings, a refused sandbox level, a damaged checkpoint
         return config.fail(prog, str(err).removeprefix(f"{prog}: "))
     logger.info(
         f"eval {f'run {run} (step {step})' if run else 'base model ' + cfg.model.name} on "

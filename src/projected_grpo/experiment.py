@@ -471,7 +471,7 @@ resumable jobs. Accepts every train flag; each job gets the same config."""
 
 def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
     prog = f"projected-grpo {cmd}"
-    from projected_grpo.checkpoint import RunLock, RunLocked
+    from projected_grpo.checkpoint import RunLock
 
     try:
         cfg, ex = config.parse(argv, prog, DOC.format(cmd=cmd), extra=ExperimentArgs, extra_default=defaults)
@@ -482,6 +482,9 @@ def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
         jobs = build_jobs(root, cfg, ex)
         if ex.status:
             return print_status(root, jobs)
+        from projected_grpo import sandbox
+
+        sandbox.require_isolation(cfg.allow_weak_isolation)  # every job grades: refuse once, here, not per job
         slots = slots_for(ex.gpus, ex.jobs_per_gpu)
 
         root.mkdir(parents=True, exist_ok=True)
@@ -491,7 +494,7 @@ def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
             where = ", ".join(f"GPU {s.gpu}" for s in slots) if slots[0].gpu is not None else "CPU"
             print(f"{prog}: {len(jobs)} jobs under {root} ({len(slots)} at a time on {where})", file=sys.stderr)
             status = run_jobs(root, jobs, slots, desc=f"{cmd} {cfg.preset}")
-    except (ValueError, RunLocked) as e:
+    except (ValueError, RuntimeError) as e:  # bad settings, a locked experiment, a refused sandbox level
         return config.fail(prog, str(e).removeprefix(f"{prog}: "))
     except KeyboardInterrupt:
         return config.fail(prog, "interrupted; running jobs were stopped, re-run the same command to resume", 130)
