@@ -326,6 +326,8 @@ class PoolConfig:
     """Seed for the mode assignment, random evaluator names and the monitor (must match the training run's)."""
     workers: int = 0
     """Grader processes (0 = one per available core)."""
+    allow_weak_isolation: bool = False
+    """Grade even where the sandbox cannot isolate programs fully."""
 
 
 def serve(problems: Sequence[Problem], hint: str, modes: Sequence[str], seed: int) -> tuple[list[Problem],
@@ -357,6 +359,13 @@ def main(argv: list[str]) -> int:
         return 2
     if not 0.0 <= cfg.monitor_accuracy <= 1.0:
         print(f"build-pool: --monitor-accuracy {cfg.monitor_accuracy} must be in [0, 1]", file=sys.stderr)
+        return 2
+    from projected_grpo import sandbox
+
+    try:
+        sandbox.require_isolation(cfg.allow_weak_isolation)
+    except sandbox.IsolationError as e:
+        print(f"build-pool: {e}", file=sys.stderr)
         return 2
     probs, hints = serve(problems, cfg.hint, modes, cfg.seed)
     rows = build_pool(probs, hints, reward=cfg.reward, workers=cfg.workers or None,
