@@ -271,13 +271,19 @@ def cached_pool(problems: Sequence[Problem], hints: Sequence[Hint | None], *, re
                 ) -> tuple[list[TeacherRow], Path]:
     """The pool for these problems, hints and reward settings: read from `cache_dir/pools/<key>.jsonl`, built and
     graded on a miss."""
+    import fcntl
+
     path = Path(cache_dir) / "pools" / f"{pool_key(problems, hints, reward, monitor_accuracy, seed)}.jsonl"
-    if path.exists():
-        return load_pool(path), path
-    logger.info(f"building the teacher pool for {len(problems)} problems ({reward}, monitor accuracy "
-                f"{monitor_accuracy}) -> {path}")
-    rows = build_pool(problems, hints, reward=reward, workers=workers, monitor_accuracy=monitor_accuracy, seed=seed)
-    save_pool(path, rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:  # concurrent runs build a pool once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return load_pool(path), path
+        logger.info(f"building the teacher pool for {len(problems)} problems ({reward}, monitor accuracy "
+                    f"{monitor_accuracy}) -> {path}")
+        rows = build_pool(problems, hints, reward=reward, workers=workers, monitor_accuracy=monitor_accuracy,
+                          seed=seed)
+        save_pool(path, rows)
     return rows, path
 
 
