@@ -323,6 +323,8 @@ def _start(root: Path, j: Job, slot: Slot) -> tuple[subprocess.Popen, float, obj
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    if slot.workers:  # side-by-side jobs share the cores: cap each one's math threads too (oversubscribed BLAS stalls)
+        env |= {"OMP_NUM_THREADS": str(slot.workers), "MKL_NUM_THREADS": str(slot.workers)}
     proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", *argv], stdout=log,
                             stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
     return proc, time.time(), log
