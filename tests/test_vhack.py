@@ -372,3 +372,20 @@ def test_refresh_re_extracts_on_the_moved_model_from_the_same_pairs(tiny):
     # pairs V was not extracted from are refused
     with pytest.raises(ValueError, match="are not in --pairs"):
         vhack.refresh(w, cfg, meta | {"pair_ids": ["nope:1"]}, V_old)
+
+
+def test_saturated_auroc_does_not_gate_a_clear_energy_win():
+    """On Qwen2.5-Coder-1.5B minimal pairs random Vs reach AUROC 0.996-1.000: the AUROC check cannot tell directions
+    apart there, so the energy checks decide (numbers of seed 41 on that model)."""
+    from projected_grpo.vhack import Verification
+
+    comps = {"pca": {"energy": 0.425, "auroc": 0.933, "gap": 0.367, "gap_lo": 0.355, "gap_hi": 0.377},
+             "cleanclean": {"energy": 0.266, "auroc": 0.950, "gap": 0.526, "gap_lo": 0.514, "gap_hi": 0.537}}
+    v = Verification(energy=0.792, auroc=0.994, energy_null_mean=0.060, energy_null_q95=0.062, auroc_null_mean=1.0,
+                     auroc_null_q95=1.0, n_random=64, margin=0.05, comparators=comps, missing={}, per_module={},
+                     n_pairs=32, n_problems=8)
+    assert v.passed, v.checks()
+    low = Verification(energy=0.792, auroc=0.70, energy_null_mean=0.060, energy_null_q95=0.062, auroc_null_mean=0.80,
+                       auroc_null_q95=0.9, n_random=64, margin=0.05, comparators=comps, missing={}, per_module={},
+                       n_pairs=32, n_problems=8)
+    assert not low.passed  # below saturation, losing to a typical random V still fails
