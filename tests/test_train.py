@@ -260,3 +260,21 @@ def test_online_refresh_changes_V_logs_overlap_and_resumes_with_it(cache, tmp_pa
     saved = load_file(str(tmp_path / "run" / "ckpt" / "step_000002" / "vhack.safetensors"))
     original, _ = vhack.load_vhack(v, vhack.read_meta(v)["fingerprint"])
     assert any(not torch.allclose(saved[n], original[n]) for n in saved)
+
+
+def test_every_step_trains_and_the_schedule_decays():
+    """Warmup starts above 0 (step 0 used to train at lr = 0), reaches the peak, and the last step is still > 0."""
+    lrs = [train.lr_factor(s, warmup=2, total=16) for s in range(16)]
+    assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3) and lrs[2] == 1.0
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] > 0
+    assert train.lr_factor(0, warmup=0, total=16) == 1.0
+
+
+def test_teacher_rows_are_cut_to_the_students_budget():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+
+    assert train.teacher_tokens(Tok(), "a b c", eos_id=99, max_new_tokens=5) == [0, 1, 2, 99]
+    cut = train.teacher_tokens(Tok(), " ".join("x" * 1 for _ in range(12)), eos_id=99, max_new_tokens=5)
+    assert cut == [0, 1, 2, 3, 4]  # no eos: trained like a truncated student completion
