@@ -23,16 +23,6 @@ from projected_grpo.config import PRESETS, Config, DataConfig, GRPOConfig  # noq
 FAST = ["--preset", "fast-dev-run"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache (tiny model, SVDs, teacher pool) for the module, announced through the environment."""
-    path = tmp_path_factory.mktemp("cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PROJECTED_GRPO_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]
 

@@ -15,15 +15,6 @@ from projected_grpo import config, engine, train, world  # noqa: E402
 from projected_grpo.config import PRESETS, GRPOConfig  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PROJECTED_GRPO_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 def _grads(knobs) -> torch.Tensor:
     return torch.cat([(k.dS.grad if k.dS.grad is not None else torch.zeros_like(k.dS)).flatten()
                       for k in knobs.values()])
