@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import sys
@@ -386,6 +387,127 @@ def test_userns_drops_every_capability_and_maps_to_a_uid_of_its_own():
     assert (inside, count) == (sandbox.SANDBOX_UID, 1)
     # as root: a host uid of its own (so RLIMIT_NPROC binds per run); unprivileged: the caller's own uid
     assert outside >= sandbox._UID_BASE if os.geteuid() == 0 else outside == os.geteuid()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mounts below the bound trees (a GPU container mounts driver files into /usr: libcuda.so.*, nvidia-smi)
+
+# Run as root in a mount namespace of its own: puts a writable tmpfs (nosuid, nodev, like a runtime's) on a directory
+# inside each tree the "userns" level binds, with a file on it that is itself a mount (a bind from another tmpfs),
+# then runs `program` at "userns" and prints the outcome as JSON. argv: mode, scratch dir, program.
+# mode "plain": the former non-recursive bind; "fallback": as if the kernel had no mount_setattr; "incomplete": the
+# fallback, remounting only the top of each tree.
+_SUBMOUNTS = r"""
+import ctypes, json, os, platform, sys, tempfile
+lc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(src, dst, kind, flags, data=None):
+    if lc.mount(src and src.encode(), dst.encode(), kind and kind.encode(), ctypes.c_ulong(flags),
+                data and data.encode()):
+        raise OSError(ctypes.get_errno(), "mount " + dst)
+
+
+if lc.unshare(0x20000) != 0:  # CLONE_NEWNS: these mounts stay in this process's namespace
+    raise OSError(ctypes.get_errno(), "unshare")
+mount("none", "/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE
+from projected_grpo import sandbox
+
+mode, scratch, program = sys.argv[1:4]
+binds = sandbox._system_tree()[1]
+needed = {os.path.realpath(p) for p in sys.path if p} | {sandbox._python(), os.getcwd(), tempfile.gettempdir()}
+maps = [ln.split(None, 5) for ln in open("/proc/self/maps")]  # every file the interpreter has mapped
+needed |= {os.path.realpath(m[5].strip()) for m in maps if len(m) == 6 and m[5].startswith("/")}
+subs = []
+for d in binds:  # a directory inside d that neither the interpreter nor this script needs
+    for name in ["games", "share", "include", "src", "man"] + sorted(os.listdir(d)):
+        sub = os.path.join(d, name)
+        if os.path.isdir(sub) and not os.path.islink(sub) and not any((n + "/").startswith(sub + "/") for n in needed):
+            subs.append(sub)
+            break
+    else:
+        raise SystemExit("no directory to mount on in " + d)
+mount("tmpfs", scratch, "tmpfs", 0, "size=64k,mode=0755")
+for i, sub in enumerate(subs):
+    mount("tmpfs", sub, "tmpfs", 0x2 | 0x4, "size=64k,mode=1777")  # MS_NOSUID | MS_NODEV, writable by anyone
+    for path, text in ((sub + "/marker", sub), (sub + "/libfake.so.1", "stub"), (f"{scratch}/driver{i}", "driver")):
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o666)
+    mount(f"{scratch}/driver{i}", sub + "/libfake.so.1", None, 0x1000)  # a file mount inside the mount
+if mode in ("fallback", "incomplete"):
+    sandbox._NR[platform.machine()] = sandbox._NR[platform.machine()][:2] + (-1,)  # mount_setattr: ENOSYS
+if mode == "incomplete":
+    boot = sandbox._BOOTS["userns"]
+    sandbox._BOOTS["userns"] = boot.replace("for mp in _mounts_under([_top + dst]):", "for mp in [_top + dst]:")
+    assert sandbox._BOOTS["userns"] != boot
+elif mode == "plain":
+    boot = sandbox._BOOTS["userns"]
+    sandbox._BOOTS["userns"] = boot.replace('0x1000 | 0x4000, what="bind "', '0x1000, what="bind "')
+    assert sandbox._BOOTS["userns"] != boot
+why = sandbox._trial("userns")
+res = None if why else sandbox.run(program.replace("SUBS", repr(subs)), isolation="userns", timeout=20.0)
+print(json.dumps({"trial": why, "subs": subs, "frames": [f.decode() for _, f in res.frames] if res else [],
+                  "stderr": res.stderr[-500:] if res else "",
+                  "after": [[open(s + "/marker").read(), open(s + "/libfake.so.1").read(), sorted(os.listdir(s))]
+                            for s in subs]}))
+"""
+
+
+def _with_submounts(mode: str, tmp_path: Path, program: str = "pass") -> dict:
+    import subprocess
+
+    if os.geteuid() != 0 or "userns" not in AVAILABLE:
+        pytest.skip("needs root (to mount in a namespace of its own) and a working userns level")
+    (tmp_path / "scratch").mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _SUBMOUNTS, mode, str(tmp_path / "scratch"), SEND + program],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["mount_setattr", "fallback"])
+def test_userns_shows_mounts_below_its_binds_read_only(mode, tmp_path):
+    # The level must work where the bound trees hold mounts of their own (as /usr does in a GPU container), show
+    # them, and keep them read-only: the mounts are writable by anyone outside, only the sandbox's remount stops it
+    (tmp_path / "visible").write_text("x")
+    tmp_path.chmod(0o755)
+    hidden = [os.path.expanduser("~/.bashrc"), str(DATA), str(Path(__file__).resolve()), str(tmp_path / "visible")]
+    site = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})["purelib"]
+    program = ("import errno, json\nout = []\nfor s in SUBS:\n"
+               "    r = [open(s + '/marker').read(), open(s + '/libfake.so.1').read()]\n"
+               "    for p, fl in ((s + '/new', os.O_WRONLY | os.O_CREAT), (s + '/marker', os.O_WRONLY | os.O_TRUNC),\n"
+               "                  (s + '/libfake.so.1', os.O_WRONLY | os.O_APPEND)):\n"
+               "        try:\n            os.close(os.open(p, fl, 0o666))\n            r.append('written')\n"
+               "        except OSError as e:\n            r.append(errno.errorcode[e.errno])\n    out.append(r)\n"
+               f"out.append([p for p in {hidden!r} if os.path.exists(p)])\n"
+               f"out.append(os.listdir({os.path.realpath(site)!r}) if os.path.isdir({site!r}) else [])\n"
+               "send(json.dumps(out).encode())\n")
+    got = _with_submounts(mode, tmp_path, program)
+    assert got["trial"] is None, got
+    assert len(got["frames"]) == 1, got["stderr"]
+    *subs, exposed, site_listing = json.loads(got["frames"][0])
+    assert len(subs) == len(got["subs"]) >= 1  # one per bound tree: /usr, /lib* (where not links), the Python
+    for sub, seen in zip(got["subs"], subs, strict=True):
+        assert seen == [sub, "driver", "EROFS", "EROFS", "EROFS"], (sub, seen)  # visible, never writable
+    assert exposed == [] and site_listing == []  # the contract's hidden paths stay hidden
+    assert got["after"] == [[s, "driver", ["libfake.so.1", "marker"]] for s in got["subs"]]  # nothing landed
+
+
+def test_userns_bind_failures_name_the_path_flags_errno_and_the_mounts_below(tmp_path):
+    # The cause, kept as a check: in a user namespace the host's mounts are locked, and the kernel refuses (EINVAL) a
+    # non-recursive bind of a tree with locked mounts below it. This is how "userns" failed in a GPU container
+    # ("bind /usr: Invalid argument"); the trial now says which path, with which flags, and what is mounted below.
+    why = _with_submounts("plain", tmp_path)["trial"]
+    assert why is not None and "[Errno 22] sandbox setup: bind " in why, why
+    assert "(MS_BIND): EINVAL Invalid argument; mounted below " in why, why
+
+
+def test_userns_refuses_to_run_if_a_mount_below_a_bind_stayed_writable(tmp_path):
+    # fail closed: a read-only remount that misses a mount below a bound tree stops the setup
+    why = _with_submounts("incomplete", tmp_path)["trial"]
+    assert why is not None and "is still writable after the read-only remount" in why, why
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ Isolation levels. The two *strong* levels give the same guarantees (docs/isolati
   the sandbox to root outside, which owns /proc/sys). Tried first unless root.
 - "userns": the same built here from the kernel's primitives (no binary needed): the bootstrap unshares user,
   mount, pid, network, ipc, uts and cgroup namespaces, forks the program as pid 1 of its pid namespace, mounts a
-  minimal root (tmpfs) with read-only binds of /usr, /lib..., the Python installation (its site-packages hidden),
+  minimal root (tmpfs) with read-only binds of /usr, /lib..., the Python installation (its site-packages hidden;
+  recursive, with every mount below them read-only too: the host's mounts are locked in the new namespace),
   a fresh /proc, a minimal read-only /dev, private 16 MiB tmpfs /tmp and /dev/shm and the working directory at
   /sandbox, `pivot_root`s into it, detaches the host's tree, drops every capability and becomes uid 65534. Run as
   root, uid 65534 maps to a host uid of its own per run (written by this process), so RLIMIT_NPROC binds and every
@@ -327,7 +328,7 @@ def _trial(level: str) -> str | None:
     if res.returncode == 0 and [f for _, f in res.frames] == [b"ok"]:
         return None
     detail = (res.stderr.strip().splitlines() or [res.error or "no report"])[-1]
-    return f"{level} trial failed: {detail[:200]}"
+    return f"{level} trial failed: {detail[:300]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +336,8 @@ def _trial(level: str) -> str | None:
 
 # argv: level (0 bwrap, 1 userns, 2 uid, 3 rlimits), channel fd, control fd, sync fd (-1: none), uid, gid, the
 # rlimits, parent pid (-1: bwrap, which has --die-with-parent), seccomp filter (hex, "" = none), and for "userns":
-# root mount point, working directory, mount plan, syscall numbers of pivot_root and capset.
+# root mount point, working directory, mount plan, syscall numbers of pivot_root, capset and mount_setattr, tmpfs
+# size.
 _BOOT_HEAD = """\
 import os, sys, fcntl, resource as _r
 _a = sys.argv[1:]
@@ -353,20 +355,24 @@ _sy = _hi[2]
 """
 
 _BOOT_USERNS = """\
-import ctypes
+import ctypes, errno as _en
 _lc = ctypes.CDLL(None, use_errno=True)
 _U = ctypes.c_ulong
+_MS = ((0x20, "REMOUNT"), (0x1000, "BIND"), (0x4000, "REC"), (0x40000, "PRIVATE"), (0x1, "RDONLY"), (0x2, "NOSUID"),
+       (0x4, "NODEV"), (0x8, "NOEXEC"), (0x400, "NOATIME"), (0x800, "NODIRATIME"), (0x1000000, "STRICTATIME"))
 
 
 def _ok(res, what):
     if res != 0:
         e = ctypes.get_errno()
-        raise OSError(e, "sandbox setup: " + what + ": " + os.strerror(e))
+        raise OSError(e, "sandbox setup: %s: %s %s" % (what, _en.errorcode.get(e, "errno"), os.strerror(e)))
 
 
-def _mount(src, dst, kind, flags, data=None):
-    return _lc.mount(None if src is None else src.encode(), dst.encode(), None if kind is None else kind.encode(),
-                     _U(flags), None if data is None else data.encode())
+def _mount(src, dst, kind, flags, data=None, what=None):
+    # mount(2), or OSError naming what (default: dst), the flags and the errno.
+    _ok(_lc.mount(None if src is None else src.encode(), dst.encode(), None if kind is None else kind.encode(),
+                  _U(flags), None if data is None else data.encode()),
+        "%s (%s)" % (what or dst, "|".join("MS_" + n for b, n in _MS if flags & b) or "0"))
 
 
 _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the grading process")
@@ -402,8 +408,8 @@ if _c:  # stay outside the pid namespace, wait, and end as the program ended
 _root, _work, _plan = _a[13], _a[14], [ln.split("\\t") for ln in _a[15].split("\\n") if ln]
 _fds = {e[1]: os.open(e[1], os.O_PATH) for e in _plan if e[0] in "bfd"}
 _fds[_work] = os.open(_work, os.O_PATH)
-_ok(_mount("none", "/", None, 0x4000 | 0x40000), "make / private")
-_ok(_mount("tmpfs", _root, "tmpfs", 0x2 | 0x4, "size=1m,mode=0755,uid=%d,gid=%d" % (_uid, _gid)), "root tmpfs")
+_mount("none", "/", None, 0x4000 | 0x40000, what="make / private")
+_mount("tmpfs", _root, "tmpfs", 0x2 | 0x4, "size=1m,mode=0755,uid=%d,gid=%d" % (_uid, _gid), "root tmpfs")
 os.chdir(_root)
 os.setresgid(_gid, _gid, _gid)
 os.setresuid(_uid, _uid, _uid)  # capabilities in the new namespaces stay until dropped below
@@ -416,13 +422,71 @@ def _bind(src, dst, ro, is_dir):
     else:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-    _ok(_mount("/proc/self/fd/%d" % _fds[src], path, None, 0x1000), "bind " + dst)
-    if ro:  # keep the flags the kernel locks (nosuid, nodev, noexec, atime), add read-only
-        f = os.statvfs(path).f_flag
-        _ok(_mount(None, path, None, 0x1000 | 0x20 | 0x1 | (f & 0xC0E) | (0 if f & 0x1400 else 0x1000000)),
-            "read-only " + dst)
+    # Recursive: the mounts inherited from the host are locked in this user namespace, and the kernel refuses (EINVAL)
+    # a plain bind of a tree that has locked mounts below it (e.g. the driver files a GPU container mounts into /usr).
+    try:
+        _mount("/proc/self/fd/%d" % _fds[src], path, None, 0x1000 | 0x4000, what="bind " + dst)
+    except OSError as e:
+        raise _with_mounts_below(e, src)
+    if ro:
+        _read_only(dst)
 
 
+def _read_only(dst):
+    # Make the bind at dst read-only together with every mount below it.
+    # mount_setattr(AT_FDCWD, path, AT_RECURSIVE | AT_SYMLINK_NOFOLLOW, {attr_set: MOUNT_ATTR_RDONLY}): sets read-only
+    # on the whole tree and clears nothing, so the flags the kernel locks stay as they are
+    attr = (ctypes.c_uint64 * 4)(1, 0, 0, 0)
+    if _lc.syscall(_U(int(_a[18])), ctypes.c_long(-100), ("." + dst).encode(), _U(0x8000 | 0x100), ctypes.byref(attr),
+                   _U(32)) == 0:
+        return
+    # No mount_setattr (kernels before 5.12, or a filter refusing it): remount each mount of the tree, keeping the
+    # flags the kernel locks (nosuid, nodev, noexec, atime) and adding read-only. A mount whose path uid 65534 cannot
+    # reach (covered by another mount, or below a directory it may not traverse) is out of the program's reach too.
+    for mp in _mounts_under([_top + dst]):
+        try:
+            f = os.statvfs(mp).f_flag
+        except (FileNotFoundError, PermissionError, NotADirectoryError):
+            continue
+        _mount(None, mp, None, 0x20 | 0x1000 | 0x1 | (f & 0xC0E) | (0 if f & 0x1400 else 0x1000000),
+               what="read-only " + mp[len(_top):] + ("" if mp == _top + dst else " (a mount below " + dst + ")"))
+
+
+def _check_read_only(dsts):
+    # Fail closed: every mount at or below dsts that uid 65534 can reach must be read-only.
+    for mp in _mounts_under([_top + d for d in dsts]):
+        try:
+            if os.statvfs(mp).f_flag & 1:
+                continue
+        except (FileNotFoundError, PermissionError, NotADirectoryError):
+            continue
+        raise OSError(_en.EROFS, "sandbox setup: %s is still writable after the read-only remount" % mp[len(_top):])
+
+
+def _mounts_under(tops):
+    # Mount points at or below the paths tops, as /proc/self/mountinfo names them (octal escapes decoded).
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for ln in f.read().split(b"\\n"):
+            p = ln.split(b" ")
+            if len(p) > 4:
+                q = p[4].split(bytes([92]))
+                mp = os.fsdecode(q[0] + b"".join(bytes([int(x[:3], 8)]) + x[3:] for x in q[1:]))
+                if any(mp == t or mp.startswith(t + "/") for t in tops):
+                    out.append(mp)
+    return out
+
+
+def _with_mounts_below(e, path):
+    # e, its message naming the host's mounts below path (the usual reason the kernel refuses to show a tree)
+    below = [m for m in _mounts_under([path]) if m != path]
+    if not below:
+        return e
+    return OSError(e.errno, "%s; mounted below %s: %s%s" % (e.strerror, path, ", ".join(below[:3]),
+                                                           " and %d more" % (len(below) - 3) if len(below) > 3 else ""))
+
+
+_top = os.getcwd()  # the new root, as /proc/self/mountinfo names it until pivot_root
 for _e in _plan:
     if _e[0] in "bf":
         _bind(_e[1], _e[1], True, _e[0] == "b")
@@ -430,9 +494,10 @@ for _e in _plan:
         os.makedirs(os.path.dirname("." + _e[1]), exist_ok=True)
         os.symlink(_e[2], "." + _e[1])
     elif _e[0] == "h":
-        _ok(_mount("tmpfs", "." + _e[1], "tmpfs", 0x1 | 0x2 | 0x4, "size=4k,mode=0755"), "hide " + _e[1])
+        _mount("tmpfs", "." + _e[1], "tmpfs", 0x1 | 0x2 | 0x4, "size=4k,mode=0755", "hide " + _e[1])
+_check_read_only([_e[1] for _e in _plan if _e[0] in "bf"])
 os.makedirs("dev")
-_ok(_mount("tmpfs", "dev", "tmpfs", 0x2, "size=64k,mode=0755"), "/dev")
+_mount("tmpfs", "dev", "tmpfs", 0x2, "size=64k,mode=0755", "/dev")
 for _e in _plan:
     if _e[0] == "d":
         _bind(_e[1], _e[1], False, False)
@@ -441,15 +506,21 @@ for _n, _t in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout",
     os.symlink(_t, "dev/" + _n)
 for _d in ("dev/shm", "tmp"):
     os.makedirs(_d)
-    _ok(_mount("tmpfs", _d, "tmpfs", 0x2 | 0x4, "size=%s,mode=1777" % _a[18]), _d)
-_ok(_mount(None, "dev", None, 0x20 | 0x1 | 0x2), "read-only /dev")
+    _mount("tmpfs", _d, "tmpfs", 0x2 | 0x4, "size=%s,mode=1777" % _a[19], "/" + _d)
+_mount(None, "dev", None, 0x20 | 0x1 | 0x2, what="read-only /dev")
 os.makedirs("proc")
-_ok(_mount("proc", "proc", "proc", 0x2 | 0x4 | 0x8), "/proc")
+# (refused, EPERM, in a user namespace while mounts cover part of the host's /proc: a container's masked paths, a GPU
+# runtime's /proc/driver/nvidia; the error names them)
+try:
+    _mount("proc", "proc", "proc", 0x2 | 0x4 | 0x8, what="/proc")
+except OSError as e:
+    raise _with_mounts_below(e, "/proc")
 os.makedirs("sandbox")
-_ok(_mount("/proc/self/fd/%d" % _fds[_work], "sandbox", None, 0x1000), "bind the working directory")
+# not recursive: nothing is mounted below a directory made for this run (if something were, fail rather than show it)
+_mount("/proc/self/fd/%d" % _fds[_work], "sandbox", None, 0x1000, what="bind the working directory")
 for _f in _fds.values():
     os.close(_f)
-_ok(_mount(None, ".", None, 0x20 | 0x1 | 0x2 | 0x4), "read-only root")
+_mount(None, ".", None, 0x20 | 0x1 | 0x2 | 0x4, what="read-only root")
 _ok(_lc.syscall(_U(int(_a[16])), b".", b"."), "pivot_root")
 _ok(_lc.umount2(b".", 2), "detach the host's root")
 os.chdir("/sandbox")
@@ -465,7 +536,8 @@ class _CapHeader(ctypes.Structure):
 _ok(_lc.syscall(_U(int(_a[17])), ctypes.byref(_CapHeader(0x20080522, 0)), (ctypes.c_uint32 * 6)()), "capset")
 _lc.prctl(47, _U(4), _U(0), _U(0), _U(0))
 _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the bootstrap")  # the uid change cleared it
-del _c, _root, _work, _plan, _fds, _e, _n, _t, _d, _f, _i, _bind, _mount, _CapHeader
+del _c, _root, _work, _plan, _fds, _e, _n, _t, _d, _f, _i, _top, _bind, _read_only, _check_read_only, _mounts_under,\
+    _with_mounts_below, _mount, _CapHeader
 """
 
 _BOOT_UID = """\
@@ -596,7 +668,7 @@ def _bwrap_args() -> list[str]:
 
 
 _userns_plan_cache: str | None = None
-_NR = {"x86_64": (155, 126), "aarch64": (41, 91)}  # (pivot_root, capset)
+_NR = {"x86_64": (155, 126, 442), "aarch64": (41, 91, 442)}  # (pivot_root, capset, mount_setattr)
 
 
 def _userns_plan() -> str:
