@@ -188,7 +188,7 @@ def test_independent_jobs_run_side_by_side_and_children_wait_for_parents(tmp_pat
 
     started: dict[str, float] = {}
 
-    def fake_start(root, j, slot):
+    def fake_start(root, j, slot, warm=False):
         started[j.name] = time.time()
         log = open(tmp_path / f"{j.name}.log", "w")
         return subprocess.Popen(["sleep", "0.6"], stdout=log), time.time(), log

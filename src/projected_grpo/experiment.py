@@ -241,7 +241,8 @@ def prepare(root: Path, jobs: list[Job], force: bool) -> None:
             shutil.rmtree(job_dir(root, j.name))
 
 
-def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc: str = "jobs") -> dict[str, str]:
+def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc: str = "jobs",
+             warm: bool = False) -> dict[str, str]:
     """Run the planned jobs, parents first, up to len(slots) at a time. Returns name -> final status."""
     slots = slots or [Slot(None, 0)]
     by_name = {j.name: j for j in jobs}
@@ -277,7 +278,7 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     continue
                 todo.remove(j)
                 slot_i = free.pop(0)
-                running[j.name] = (*_start(root, j, slots[slot_i]), slot_i)
+                running[j.name] = (*_start(root, j, slots[slot_i], warm), slot_i)
             now = ", ".join(running)
             if now != shown:
                 bar.set_postfix_str(now)
@@ -307,27 +308,90 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
     return {j.name: status.get(j.name, "pending") for j in by_name.values()}
 
 
-def _start(root: Path, j: Job, slot: Slot) -> tuple[subprocess.Popen, float, object]:
+def _start(root: Path, j: Job, slot: Slot, warm: bool = False):
+    """Start a job; returns (process, start time, log file). `warm`: fork it from a process that has already imported
+    torch and transformers (a forkserver), instead of a fresh interpreter that pays the imports again."""
     argv = argv_of(root, j)
     if j.command == "train" and (Path(j.cfg.run_dir) / "config.json").exists():  # interrupted earlier: continue it
         argv = ["train", "--resume", j.cfg.run_dir]
-        if slot.workers:
-            argv += ["--workers", str(slot.workers)]
-    elif slot.workers:
+    if slot.workers:
         argv += ["--workers", str(slot.workers)]
     d = job_dir(root, j.name)
     _write_status(root, j.name, "running")
     log = open(d / "log.txt", "a")
     log.write(f"$ projected-grpo {' '.join(argv)}\n")
     log.flush()
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1"}
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu
     if slot.workers:  # side-by-side jobs share the cores: cap each one's math threads too (oversubscribed BLAS stalls)
         env |= {"OMP_NUM_THREADS": str(slot.workers), "MKL_NUM_THREADS": str(slot.workers)}
-    proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", *argv], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
+    if warm:
+        proc = WarmProc(argv, env, str(d / "log.txt"), slot.workers)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=os.environ | env, preexec_fn=_pdeathsig)
     return proc, time.time(), log
+
+
+WARM_MODULES = ["projected_grpo.warmstart", "torch", "transformers", "projected_grpo.train", "projected_grpo.vhack", "projected_grpo.evaluate"]
+_warm_ctx = None
+
+
+def _run_job(argv: list[str], env: dict[str, str], log_path: str, threads: int) -> None:
+    """In the forked child: the job's environment, process group, log as stdout/stderr, then the command."""
+    import traceback
+
+    os.environ.update(env)
+    _pdeathsig()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from projected_grpo import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the job's own crash: its traceback goes to its log
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc or 0))
+
+
+class WarmProc:
+    """A job forked from the warm forkserver, with the Popen methods the runner uses (pid, poll, wait). It dies with
+    the runner: the forkserver exits when the runner does, and the job has PDEATHSIG set on the forkserver."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: str, threads: int):
+        global _warm_ctx
+        import multiprocessing as mp
+
+        if _warm_ctx is None:
+            # jobs end with os._exit, so the tracker would report their tqdm/loguru locks as leaked at shutdown
+            os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
+            _warm_ctx = mp.get_context("forkserver")
+            _warm_ctx.set_forkserver_preload(WARM_MODULES)
+        self._p = _warm_ctx.Process(target=_run_job, args=(argv, env, log_path, threads), daemon=False)
+        self._p.start()
+        self.pid = self._p.pid
+
+    def poll(self) -> int | None:
+        return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired("job", timeout or 0)
+        return self._p.exitcode
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -373,6 +437,8 @@ class ExperimentArgs:
     """GPUs to spread jobs over (comma-separated indices; default: every visible GPU; none: the CPU)."""
     jobs_per_gpu: int = 1
     """Jobs run side by side on each GPU."""
+    warm: bool = True
+    """Fork jobs from a process that has imported torch and transformers once (--no-warm: a fresh interpreter each)."""
     refresh_every: int = 2
     """The V refresh cadence of the erase_refresh and route_refresh arms (steps; the seed's strongest arm used 2)."""
 
@@ -495,7 +561,7 @@ def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
             prepare(root, jobs, ex.force)
             where = ", ".join(f"GPU {s.gpu}" for s in slots) if slots[0].gpu is not None else "CPU"
             print(f"{prog}: {len(jobs)} jobs under {root} ({len(slots)} at a time on {where})", file=sys.stderr)
-            status = run_jobs(root, jobs, slots, desc=f"{cmd} {cfg.preset}")
+            status = run_jobs(root, jobs, slots, desc=f"{cmd} {cfg.preset}", warm=ex.warm)
     except (ValueError, RuntimeError) as e:  # bad settings, a locked experiment, a refused sandbox level
         return config.fail(prog, str(e).removeprefix(f"{prog}: "))
     except KeyboardInterrupt:
