@@ -511,6 +511,177 @@ def test_userns_refuses_to_run_if_a_mount_below_a_bind_stayed_writable(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# A /proc covered by mounts (a container's masked and read-only paths; the NVIDIA runtime's /proc/driver/nvidia)
+
+# Run as root in a mount namespace of its own: covers part of /proc the way Docker and the NVIDIA container runtime
+# do, then runs `program` at "userns" and prints the outcome as JSON, with this namespace's mounts before and after
+# and what the host's own /proc showed before the masks. argv: mode, program.
+# mode "root": as is (CAP_SYS_ADMIN); "no-cap": CAP_SYS_ADMIN dropped from the bounding set, so the bootstrap runs
+# without it (as an unprivileged user's would); "stuck": as if no mount below /proc could be unmounted.
+_MASKED_PROC = r"""
+import ctypes, json, os, stat, sys
+lc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(src, dst, kind, flags, data=None):
+    if lc.mount(src and src.encode(), dst.encode(), kind and kind.encode(), ctypes.c_ulong(flags),
+                data and data.encode()):
+        raise OSError(ctypes.get_errno(), "mount " + dst)
+
+
+if lc.unshare(0x20000) != 0:  # CLONE_NEWNS: these mounts stay in this process's namespace
+    raise OSError(ctypes.get_errno(), "unshare")
+mount("none", "/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE
+mode, program = sys.argv[1:3]
+files = ["/proc/keys", "/proc/kcore", "/proc/timer_list", "/proc/sysrq-trigger", "/proc/kmsg",
+         "/proc/sys/kernel/ostype"]
+real = {"modes": {p: stat.S_IMODE(os.stat(p).st_mode) for p in files if os.path.exists(p)},
+        "dirs": {d: sorted(os.listdir(d)) for d in ("/proc/driver", "/proc/acpi") if os.path.isdir(d)}}
+# Docker's masked paths: files under /dev/null (/proc/keys twice: stacked), directories under a read-only tmpfs
+for f in ("/proc/kcore", "/proc/keys", "/proc/keys", "/proc/timer_list", "/proc/latency_stats", "/proc/sched_debug"):
+    if os.path.exists(f):
+        mount("/dev/null", f, None, 0x1000)
+for d in ("/proc/acpi", "/proc/scsi", "/proc/asound"):
+    if os.path.isdir(d):
+        mount("tmpfs", d, "tmpfs", 0x1, "size=4k")
+# Docker's read-only paths: bound onto themselves, read-only
+for p in ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"):
+    if os.path.exists(p):
+        mount(p, p, None, 0x1000 | 0x4000)
+        mount(None, p, None, 0x20 | 0x1000 | 0x1)
+# the NVIDIA runtime: a tmpfs on /proc/driver/nvidia holding the container's own GPU files (here under a tmpfs on
+# /proc/driver, for a host without the driver), with a file mount inside it; then one more tmpfs hiding them all
+mount("tmpfs", "/proc/driver", "tmpfs", 0, "size=64k,mode=0755")
+os.mkdir("/proc/driver/nvidia")
+mount("tmpfs", "/proc/driver/nvidia", "tmpfs", 0, "size=64k,mode=0755")
+for name in ("version", "params"):
+    with open("/proc/driver/nvidia/" + name, "w") as f:
+        f.write("runtime's " + name)
+mount("/proc/driver/nvidia/params", "/proc/driver/nvidia/version", None, 0x1000)
+mount("tmpfs", "/proc/driver", "tmpfs", 0x1, "size=4k,mode=0755")
+mount("none", "/", None, 0x4000 | 0x100000)  # MS_REC | MS_SHARED, as on most hosts: what is not made private propagates
+if mode == "no-cap" and lc.prctl(24, ctypes.c_ulong(21), 0, 0, 0) != 0:  # PR_CAPBSET_DROP CAP_SYS_ADMIN
+    raise OSError(ctypes.get_errno(), "drop CAP_SYS_ADMIN")
+from projected_grpo import sandbox
+
+if mode == "stuck":
+    boot = sandbox._BOOTS["userns"]
+    sandbox._BOOTS["userns"] = boot.replace("_lc.umount2(mp.encode(), 2)", "_lc.umount2(b'/nowhere', 2)")
+    assert sandbox._BOOTS["userns"] != boot
+before = open("/proc/self/mountinfo").read()
+why = sandbox._trial("userns")
+res = None if why else sandbox.run(program, isolation="userns", timeout=30.0)
+print(json.dumps({"trial": why, "frames": [f.decode() for _, f in res.frames] if res else [],
+                  "stderr": res.stderr[-500:] if res else "", "real": real,
+                  "masks": [ln.split()[4] for ln in before.splitlines() if ln.split()[4].startswith("/proc/")],
+                  "unchanged": open("/proc/self/mountinfo").read() == before,
+                  "after": [open("/proc/keys").read(), sorted(os.listdir("/proc/driver")),
+                            os.statvfs("/proc/sys").f_flag & 1]}))
+"""
+
+
+def _with_masked_proc(mode: str, program: str = "pass") -> dict:
+    import subprocess
+
+    if os.geteuid() != 0 or "userns" not in AVAILABLE:
+        pytest.skip("needs root (to mount in a namespace of its own) and a working userns level")
+    if not os.path.isdir("/proc/driver"):
+        pytest.skip("no /proc/driver to cover here")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    mounts = Path("/proc/self/mountinfo").read_text()
+    out = subprocess.run([sys.executable, "-c", _MASKED_PROC, mode, SEND + program], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    # the masks were there, and every one of them is still there afterwards: the unmounts happen only in the
+    # bootstrap's own mount namespace, and nothing of them propagates to the namespace it was started from
+    assert {"/proc/keys", "/proc/sys", "/proc/driver", "/proc/driver/nvidia", "/proc/driver/nvidia/version"} <= set(
+        got["masks"]), got["masks"]
+    assert got["unchanged"] and got["after"] == ["", [], 1], got
+    assert Path("/proc/self/mountinfo").read_text() == mounts  # and this process's namespace saw nothing
+    return got
+
+
+def test_userns_uncovers_a_masked_proc_as_root():
+    # As root (CAP_SYS_ADMIN), the bootstrap unmounts what covers /proc in a private mount namespace of its own, so the
+    # kernel allows a fresh /proc in the new user namespace; the sandbox shows only its own pid namespace
+    got = _with_masked_proc("root", "send(repr(sorted(p for p in os.listdir('/proc') if p.isdigit())).encode())\n")
+    assert got["trial"] is None, got
+    assert got["frames"] == ["['1']"], got["stderr"]
+
+
+def test_userns_what_a_program_reaches_of_an_uncovered_proc():
+    # What the masks hid is the kernel's own again inside the sandbox: readable only where its mode lets uid 65534
+    # read it, and nothing under /proc (its own processes aside) accepts a write
+    program = r'''
+import errno, json
+out = {}
+for p in ("/proc/keys", "/proc/kcore", "/proc/timer_list", "/proc/sysrq-trigger", "/proc/kmsg",
+          "/proc/sys/kernel/ostype"):
+    try:
+        with open(p, "rb") as f:
+            out[p] = ["read", f.read(64).decode(errors="replace")]
+    except OSError as e:
+        out[p] = [errno.errorcode[e.errno], ""]
+out["dirs"] = {d: sorted(os.listdir(d)) for d in ("/proc/driver", "/proc/acpi") if os.path.isdir(d)}
+opened, walked = [], 0
+for root, dirs, names in os.walk("/proc"):
+    if root == "/proc":
+        dirs[:] = [d for d in dirs if not d.isdigit() and d not in ("self", "thread-self")]
+    for name in names:
+        p = os.path.join(root, name)
+        if not os.path.islink(p):
+            walked += 1
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+                opened.append(p)
+            except OSError:
+                pass
+out["walked"], out["opened"] = walked, opened
+try:
+    fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY)
+    os.write(fd, b"100")
+    out["ns_last_pid"] = "written"
+except OSError as e:
+    out["ns_last_pid"] = errno.errorcode[e.errno]
+send(json.dumps(out).encode())
+'''
+    got = _with_masked_proc("root", program)
+    assert got["trial"] is None and len(got["frames"]) == 1, got
+    seen, real = json.loads(got["frames"][0]), got["real"]
+    for p, mode in real["modes"].items():
+        if p in ("/proc/keys", "/proc/sys/kernel/ostype"):
+            continue
+        # e.g. /proc/kcore (0400, and CAP_SYS_RAWIO), /proc/sysrq-trigger (0200), /proc/timer_list (0400 on recent
+        # kernels): root's alone
+        assert seen[p][0] == ("read" if mode & 0o004 else "EACCES"), (p, oct(mode), seen[p])
+    assert seen["/proc/keys"] == ["read", ""]  # keys are listed only in a user namespace that maps their owner
+    assert seen["/proc/sys/kernel/ostype"] == ["read", "Linux\n"]  # /proc/sys: readable...
+    assert seen["dirs"] == real["dirs"]  # the kernel's /proc/driver and /proc/acpi, not the masks
+    assert seen["walked"] > 100, seen["walked"]
+    # ...and nothing there opens for writing but the pid namespace's own cursor (which refuses the write: no
+    # capability) and the pressure files (a poll trigger on the opener's own file, open to every user)
+    assert [p for p in seen["opened"] if p != "/proc/sys/kernel/ns_last_pid"
+            and not p.startswith("/proc/pressure/")] == [], seen["opened"]
+    assert seen["ns_last_pid"] == "EPERM"
+
+
+def test_userns_without_cap_sys_admin_names_what_covers_proc():
+    # Without CAP_SYS_ADMIN (an unprivileged user) nothing can be unmounted: the level fails as before, naming the
+    # mounts
+    why = _with_masked_proc("no-cap")["trial"]
+    assert why is not None and "sandbox setup: /proc (MS_NOSUID|MS_NODEV|MS_NOEXEC): EPERM Operation not permitted; " \
+                               "mounted below /proc: " in why, why
+    assert "/proc/keys" in why and "could not unmount" not in why, why
+
+
+def test_userns_names_the_mounts_it_could_not_unmount_below_proc():
+    why = _with_masked_proc("stuck")["trial"]
+    assert why is not None and "EPERM Operation not permitted; mounted below /proc: " in why, why
+    assert "; could not unmount " in why and " of them (ENOENT)" in why, why
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Choosing the level
 
 @pytest.fixture

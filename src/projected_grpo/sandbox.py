@@ -34,9 +34,12 @@ Isolation levels. The two *strong* levels give the same guarantees (docs/isolati
   minimal root (tmpfs) with read-only binds of /usr, /lib..., the Python installation (its site-packages hidden;
   recursive, with every mount below them read-only too: the host's mounts are locked in the new namespace),
   a fresh /proc, a minimal read-only /dev, private 16 MiB tmpfs /tmp and /dev/shm and the working directory at
-  /sandbox, `pivot_root`s into it, detaches the host's tree, drops every capability and becomes uid 65534. Run as
-  root, uid 65534 maps to a host uid of its own per run (written by this process), so RLIMIT_NPROC binds and every
-  process of the run can be found and killed; run unprivileged, it maps to the caller's uid. Tried first as root.
+  /sandbox, `pivot_root`s into it, detaches the host's tree, drops every capability and becomes uid 65534. With
+  CAP_SYS_ADMIN (root, a container's root) it first enters a private mount namespace of its own and unmounts there
+  whatever covers part of /proc (a container's masked paths, /proc/driver/nvidia), without which the kernel refuses
+  the fresh /proc; the host's mounts stay as they are. Run as root, uid 65534 maps to a host uid of its own per run
+  (written by this process), so RLIMIT_NPROC binds and every process of the run can be found and killed; run
+  unprivileged, it maps to the caller's uid. Tried first as root.
   At both: the home directory, the project, the data set, the host's /tmp and other processes are not visible; there
   is no network; when the namespace's first process dies the kernel kills everything left in it.
 Two *weak* levels remain, refused unless the caller accepts them (`require_isolation(allow_weak=True)`, the CLIs'
@@ -375,11 +378,65 @@ def _mount(src, dst, kind, flags, data=None, what=None):
         "%s (%s)" % (what or dst, "|".join("MS_" + n for b, n in _MS if flags & b) or "0"))
 
 
+def _mounts_under(tops):
+    # Mount points at or below the paths tops, as /proc/self/mountinfo names them (octal escapes decoded).
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for ln in f.read().split(b"\\n"):
+            p = ln.split(b" ")
+            if len(p) > 4:
+                q = p[4].split(bytes([92]))
+                mp = os.fsdecode(q[0] + b"".join(bytes([int(x[:3], 8)]) + x[3:] for x in q[1:]))
+                if any(mp == t or mp.startswith(t + "/") for t in tops):
+                    out.append(mp)
+    return out
+
+
+def _with_mounts_below(e, path):
+    # e, its message naming the host's mounts below path (the usual reason the kernel refuses to show a tree)
+    below = list(dict.fromkeys(m for m in _mounts_under([path]) if m != path))  # (once each, if stacked)
+    if not below:
+        return e
+    return OSError(e.errno, "%s; mounted below %s: %s%s" % (e.strerror, path, ", ".join(below[:3]),
+                                                           " and %d more" % (len(below) - 3) if len(below) > 3 else ""))
+
+
+def _uncover_proc():
+    # The kernel mounts a fresh /proc in a user namespace only if a /proc it already shows is fully visible: no mount
+    # inherited from the host may cover a path below it (a container's masked paths, /proc/keys, /proc/kcore...; a
+    # GPU runtime's /proc/driver/nvidia). With CAP_SYS_ADMIN here (root, a container's root), enter a mount namespace
+    # of this process's own, private (no mount or unmount propagates back to the host's), and lazily unmount every
+    # mount below /proc there, deepest first; the namespaces made next are copies of it. Returns {mount point: errno}
+    # for those that would not go (e.g. locked by an outer user namespace); the /proc mount then fails naming them.
+    _ok(_lc.unshare(0x20000), "unshare the mount namespace")
+    _mount("none", "/", None, 0x4000 | 0x40000, what="make / private")
+    left = {}
+    for _ in range(16):  # again while some go: one unmount may uncover a mount it hid, or one stacked below it
+        below = [m for m in _mounts_under(["/proc"]) if m != "/proc"]
+        left = {}
+        for mp in sorted(below, key=lambda m: -m.count("/")):
+            if _lc.umount2(mp.encode(), 2) != 0:  # MNT_DETACH
+                left[mp] = _en.errorcode.get(ctypes.get_errno(), "errno")
+        if len(left) == len(below):
+            break
+    return left
+
+
+def _cap_eff(n):
+    # Whether capability n is effective (in this process's user namespace).
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith("CapEff:"):
+                return int(ln.split()[1], 16) >> n & 1
+    return 0
+
+
 _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the grading process")
 if os.getppid() != _pp:
     os._exit(1)
 if _sy >= 0:
     os.setgroups([])
+_stuck = _uncover_proc() if _cap_eff(21) else {}  # CAP_SYS_ADMIN; without it, /proc must already be fully visible
 _ok(_lc.unshare(0x10000000 | 0x20000 | 0x20000000 | 0x40000000 | 0x8000000 | 0x4000000 | 0x2000000), "unshare")
 if _sy >= 0:  # the grading process writes our uid/gid maps (only it may map a uid other than our own)
     os.write(_sy, b"u")
@@ -463,29 +520,6 @@ def _check_read_only(dsts):
         raise OSError(_en.EROFS, "sandbox setup: %s is still writable after the read-only remount" % mp[len(_top):])
 
 
-def _mounts_under(tops):
-    # Mount points at or below the paths tops, as /proc/self/mountinfo names them (octal escapes decoded).
-    out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for ln in f.read().split(b"\\n"):
-            p = ln.split(b" ")
-            if len(p) > 4:
-                q = p[4].split(bytes([92]))
-                mp = os.fsdecode(q[0] + b"".join(bytes([int(x[:3], 8)]) + x[3:] for x in q[1:]))
-                if any(mp == t or mp.startswith(t + "/") for t in tops):
-                    out.append(mp)
-    return out
-
-
-def _with_mounts_below(e, path):
-    # e, its message naming the host's mounts below path (the usual reason the kernel refuses to show a tree)
-    below = [m for m in _mounts_under([path]) if m != path]
-    if not below:
-        return e
-    return OSError(e.errno, "%s; mounted below %s: %s%s" % (e.strerror, path, ", ".join(below[:3]),
-                                                           " and %d more" % (len(below) - 3) if len(below) > 3 else ""))
-
-
 _top = os.getcwd()  # the new root, as /proc/self/mountinfo names it until pivot_root
 for _e in _plan:
     if _e[0] in "bf":
@@ -509,12 +543,17 @@ for _d in ("dev/shm", "tmp"):
     _mount("tmpfs", _d, "tmpfs", 0x2 | 0x4, "size=%s,mode=1777" % _a[19], "/" + _d)
 _mount(None, "dev", None, 0x20 | 0x1 | 0x2, what="read-only /dev")
 os.makedirs("proc")
-# (refused, EPERM, in a user namespace while mounts cover part of the host's /proc: a container's masked paths, a GPU
-# runtime's /proc/driver/nvidia; the error names them)
+# (refused, EPERM, in a user namespace while mounts inherited from the host cover part of its /proc: a container's
+# masked paths, a GPU runtime's /proc/driver/nvidia; uncovered above where this process may unmount them, else the
+# error names them)
 try:
     _mount("proc", "proc", "proc", 0x2 | 0x4 | 0x8, what="/proc")
 except OSError as e:
-    raise _with_mounts_below(e, "/proc")
+    e = _with_mounts_below(e, "/proc")
+    if _stuck:
+        e = OSError(e.errno, "%s; could not unmount %d of them (%s)" % (e.strerror, len(_stuck),
+                                                                          ", ".join(sorted(set(_stuck.values())))))
+    raise e
 os.makedirs("sandbox")
 # not recursive: nothing is mounted below a directory made for this run (if something were, fail rather than show it)
 _mount("/proc/self/fd/%d" % _fds[_work], "sandbox", None, 0x1000, what="bind the working directory")
@@ -537,7 +576,7 @@ _ok(_lc.syscall(_U(int(_a[17])), ctypes.byref(_CapHeader(0x20080522, 0)), (ctype
 _lc.prctl(47, _U(4), _U(0), _U(0), _U(0))
 _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the bootstrap")  # the uid change cleared it
 del _c, _root, _work, _plan, _fds, _e, _n, _t, _d, _f, _i, _top, _bind, _read_only, _check_read_only, _mounts_under,\
-    _with_mounts_below, _mount, _CapHeader
+    _with_mounts_below, _mount, _CapHeader, _uncover_proc, _cap_eff, _stuck
 """
 
 _BOOT_UID = """\
