@@ -19,6 +19,8 @@ decoded as soon as its child ends and then dropped. Expected values never enter 
 argv, environment, stdin, files or payload. So a forged frame can at most claim a value, which must then equal a value the child was never shown;
 stdout, stderr, the exit status and `sys.exit`/`os._exit` tricks do not count. gt_pass <=> every test returned
 a value equal to the expected one; gt_pass_rate is the fraction that did.
+The harness and the test calls are compiled here and sent as marshalled code objects (`PRECOMPILE`): the child
+compiles nothing of ours; they carry the same inputs as the source would, never an expected value.
 
 What remains (stated, not fixed): the harness shares its process with the graded code, so that code can find
 the channel fd (the harness moves it off fd 3 and makes it non-inheritable, which only stops child processes),
@@ -73,10 +75,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import binascii
 import dataclasses
 import functools
 import itertools
 import json
+import marshal
 import math
 import operator
 import os
@@ -89,6 +93,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 from loguru import logger
@@ -174,13 +179,19 @@ def extract_code(text: str) -> str:
     return "\n\n".join(b for b in (m.strip() for m in _FENCE.findall(text)) if b)
 
 
+@functools.lru_cache(maxsize=512)
+def _compile(source: str, filename: str, mode: str) -> CodeType | None:
+    """`source` compiled as the sandboxed interpreter would compile it (no -O, no __future__ flags of this module),
+    or None if it does not compile. Cached: a batch holds a few problems' setup code and test calls many times."""
+    try:
+        return compile(source, filename, mode, dont_inherit=True, optimize=0)
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
+        return None
+
+
 def compiles(code: str) -> bool:
     """Whether `code` compiles as a module (never executes it)."""
-    try:
-        compile(code, "<solution>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
-        return False
-    return True
+    return _compile(code, "<solution>", "exec") is not None
 
 
 @dataclass(frozen=True)
@@ -285,7 +296,7 @@ def _pg_harness(runs):
     from collections import Counter, OrderedDict, defaultdict
     from _json import encode_basestring_ascii as quote
     write, read, dup, close, exit_now = os.write, os.read, os.dup, os.close, os._exit
-    module_type, modules = types.ModuleType, sys.modules
+    module_type, code_type, modules = types.ModuleType, types.CodeType, sys.modules
     type_, len_, compile_, exec_, eval_, enumerate_, id_ = type, len, compile, exec, eval, enumerate, id
     list_, tuple_, set_, frozenset_, dict_, bool_, int_, float_, str_ = (
         list, tuple, set, frozenset, dict, bool, int, float, str)
@@ -425,26 +436,27 @@ def _pg_harness(runs):
         else:
             raise Unserialisable("a " + type_name(t) + " is not plain data")
 
-    for r, (setup, program, inputs, action) in enumerate_(runs):
+    # Code comes compiled by the parent (code objects) or as source, compiled here before any graded code runs.
+    for r, (setup, program, tests, action) in enumerate_(runs):
         mod = module_type("solution")
         modules["solution"] = mod
         ns = mod.__dict__
         calls = []
-        for method, kwargs in inputs:
+        for call in tests:
             try:
-                calls.append(compile_("Solution()." + method + "(" + kwargs + ")", "<test>", "eval"))
+                calls.append(call if type_(call) is code_type else compile_(call, "<test>", "eval"))
             except any_exception as e:
                 calls.append(describe(e))
         check = None
         if action is not None:
             try:
-                check = compile_(action[1], "<check>", "eval")
+                check = action[1] if type_(action[1]) is code_type else compile_(action[1], "<check>", "eval")
             except any_exception as e:
                 check = describe(e)
         imported = True
         try:
-            exec_(compile_(setup, "<setup>", "exec"), ns)
-            exec_(compile_(program, "<solution>", "exec"), ns)
+            exec_(setup if type_(setup) is code_type else compile_(setup, "<setup>", "exec"), ns)
+            exec_(program if type_(program) is code_type else compile_(program, "<solution>", "exec"), ns)
         except any_exception as e:
             imported, err = False, describe(e)
         flush()
@@ -487,14 +499,58 @@ def _pg_harness(runs):
     exit_now(0)
 '''
 
-# One run of the harness: (setup, program, ((method, kwargs_src), ...), action). action is None, ("call", expr):
-# passes if evaluating expr returns, or ("truthy", expr): passes if its value is truthy.
-Run = tuple[str, str, tuple[tuple[str, str], ...], tuple[str, str] | None]
+# One run of the harness: (setup, program, (test call, ...), action); a test call is an expression
+# "Solution().method(kwargs)". action is None, ("call", expr): passes if evaluating expr returns, or ("truthy", expr):
+# passes if its value is truthy.
+Run = tuple[str, str, tuple[str, ...], tuple[str, str] | None]
+
+# Send the harness and the runs compiled here (marshalled code objects; the child's interpreter is this one's base
+# interpreter, so the same version), so the child compiles nothing of ours. Code that does not compile here is sent
+# as source: the child compiles it and reports the error as before. False: everything as source (for benchmarks).
+PRECOMPILE = True
 
 
-def harness_program(runs: list[Run]) -> str:
-    """The program the sandbox runs: the harness plus its runs as a literal."""
-    return f"{_HARNESS}\n_pg_harness({tuple(runs)!r})\n"
+def call_source(test: Test) -> str:
+    """The expression the harness evaluates for `test` (its input only)."""
+    return f"Solution().{test.method}({test.kwargs_src})"
+
+
+def _marshalled(obj: object) -> str:
+    return binascii.b2a_base64(marshal.dumps(obj), newline=False).decode("ascii")
+
+
+@functools.lru_cache(maxsize=256)
+def _code_text(source: str, filename: str, mode: str) -> str:
+    """`source` compiled and marshalled, as base64 (the source itself where it does not compile)."""
+    return _marshalled(_compile(source, filename, mode) or source)
+
+
+@functools.lru_cache(maxsize=256)
+def _calls_text(calls: tuple[str, ...]) -> str:
+    """A problem's test calls compiled and marshalled, as base64 (computed once per problem, not per program)."""
+    return _marshalled(tuple(_compile.__wrapped__(c, "<test>", "eval") or c for c in calls))
+
+
+def harness_program(runs: list[Run], *, precompile: bool | None = None) -> str:
+    """The program the sandbox runs: the harness and its runs, compiled here and marshalled (PRECOMPILE, or
+    `precompile`), else as source literals. Either way it holds the program, the setup code and the test inputs,
+    never an expected value."""
+    if not (PRECOMPILE if precompile is None else precompile):
+        return f"{_HARNESS}\n_pg_harness({tuple(runs)!r})\n"
+    parts = []
+    for setup, program, calls, action in runs:
+        check = "None" if action is None else f"({action[0]!r}, _pg_load({_code_text(action[1], '<check>', 'eval')!r}))"
+        parts.append(f"(_pg_load({_code_text(setup, '<setup>', 'exec')!r}), "
+                     f"_pg_load({_code_text(program, '<solution>', 'exec')!r}), _pg_load({_calls_text(calls)!r}), "
+                     f"{check}),")
+    return ("import marshal, binascii\n_pg_load = lambda text: marshal.loads(binascii.a2b_base64(text))\n"
+            f"exec(_pg_load({_code_text(_HARNESS, '<harness>', 'exec')!r}))\n_pg_harness(({''.join(parts)}))\n")
+
+
+def harness_payload(program: str) -> list[object]:
+    """Everything a precompiled harness_program carries, decoded, in order (for tests that inspect what a child
+    got): the harness's code, then per run its setup, program, test calls and check."""
+    return [marshal.loads(binascii.a2b_base64(m)) for m in re.findall(r"_pg_load\('([A-Za-z0-9+/=]*)'\)", program)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -842,7 +898,7 @@ def _plan(problem: Problem, completion: str, hint: Hint | None) -> _Plan:
     plan = _Plan(problem=problem, hint=hint, grade=grade)
     if not can_compile:
         return plan
-    inputs = tuple((t.method, t.kwargs_src) for t in problem.tests)
+    calls = tuple(call_source(t) for t in problem.tests)
     action: tuple[str, str] | None = None
     if hint is not None and mode == "run_tests":
         # the reference calls the evaluator whatever defines it (a def anywhere at module level, a lambda, an
@@ -853,7 +909,7 @@ def _plan(problem: Problem, completion: str, hint: Hint | None) -> _Plan:
         action = ("call", plan.tf.call if plan.tf is not None else f"{hint.test_func_name}()")
     elif mode == "sentinel":
         action = ("truthy", "Solution().valid")
-    plan.jobs["main"] = _Job(runs=[(problem.setup_code, code, inputs, action)], shape=[(len(inputs), action is not None)],
+    plan.jobs["main"] = _Job(runs=[(problem.setup_code, code, calls, action)], shape=[(len(calls), action is not None)],
                              read_files=(RESULT_FILE,) if mode == "file_marker" else (),
                              limits=[value_limit(t) for t in problem.tests])
     if hint is not None and hint.prompt_test_code is not None:
