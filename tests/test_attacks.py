@@ -448,9 +448,11 @@ def _descends(pid: str) -> bool:
 
 
 def attack(code: str, level: str, problem: Problem = SECRET, hint: Hint | None = RUN_TESTS,
-           timeout: float = TIMEOUT) -> grader.Grade:
+           timeout: float = TIMEOUT, full_suite: bool = True) -> grader.Grade:
+    """Grade an attack; by default over the full suite (whose diagnostics the tests below check), see
+    test_early_stop_gives_every_attack_the_same_verdict for the training default."""
     program = textwrap.dedent(code).replace("MARKER", MARKER)
-    return grade(problem, fence(program), hint, timeout=timeout, isolation=level)
+    return grade(problem, fence(program), hint, timeout=timeout, isolation=level, full_suite=full_suite)
 
 
 def assert_grader_intact(level: str, problem: Problem = SECRET) -> None:
@@ -479,6 +481,18 @@ def test_attack_never_passes(name, level):
         assert not r.hinted_pass
     if name in ("colliding_set_as_the_value", "forged_colliding_set_frame", "huge_value_for_every_test"):
         assert r.wall_s < 15 and time.monotonic() - t0 < 20  # a verdict within a fixed budget
+    assert_grader_intact(level)
+
+
+@pytest.mark.parametrize("level", STRONG[:1])
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_early_stop_gives_every_attack_the_same_verdict(name, level):
+    # the training default stops the suite at the first failing test: the verdict must not change
+    full = attack(ATTACKS[name], level, timeout=HANGS.get(name, TIMEOUT))
+    early = attack(ATTACKS[name], level, timeout=HANGS.get(name, TIMEOUT), full_suite=False)
+    assert not early.gt_pass and early.gt_pass_rate is None and early.early_stop, early
+    assert (early.gt_pass, early.hinted_pass, early.label, early.reward, early.test_modification) == (
+        full.gt_pass, full.hinted_pass, full.label, full.reward, full.test_modification), (early, full)
     assert_grader_intact(level)
 
 

@@ -224,6 +224,30 @@ def test_checkpoints_are_acked_and_frames_record_it():
     assert res.frame_acks == [0, 1, 1]  # "c" came in the same write as its checkpoint: read before the ack
 
 
+def test_on_frame_stops_the_run_at_once_or_unless_the_phase_ends_in_time():
+    seen = []
+
+    def stop_at(payload: bytes, grace: float):
+        def hook(t, raw, size, phase):
+            seen.append((raw, size, phase))
+            return grace if raw == payload else None
+        return hook
+
+    # stop at once on "b": the child is killed (no 30 s sleep, nothing after "b" is kept) and that is no error
+    prog = SEND + "send(b'a')\nsend(b'b')\nsend(b'c')\nimport time\ntime.sleep(30)\n"
+    res = sandbox.run(prog, timeout=20.0, on_frame=stop_at(b"b", 0.0))
+    assert res.stopped and frames(res) == [b"a", b"b"] and res.error is None and res.wall_s < 10
+    assert seen == [(b"a", 1, 0), (b"b", 1, 0)]
+    # with a grace: a phase that ends within it goes on to the end ...
+    prog = SEND + "send(b'a')\nsend(b'')\nos.read(4, 1)\nsend(b'b')\n"
+    res = sandbox.run(prog, timeout=20.0, phases=2, on_frame=stop_at(b"a", 10.0))
+    assert not res.stopped and frames(res) == [b"a", b"b"] and res.error is None
+    # ... one that does not is stopped when the grace runs out, long before its budget
+    prog = SEND + "send(b'a')\nimport time\ntime.sleep(30)\nsend(b'')\n"
+    res = sandbox.run(prog, timeout=20.0, phases=2, on_frame=stop_at(b"a", 0.3))
+    assert res.stopped and not res.timed_out and frames(res) == [b"a"] and 0.3 < res.wall_s < 10
+
+
 def test_an_oversized_frame_keeps_only_its_prefix():
     prog = SEND + "send(b'x' * (4 << 20))\nsend(b'small')\n"
     res = sandbox.run(prog, timeout=20.0, max_frame=1000)

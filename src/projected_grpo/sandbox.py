@@ -21,9 +21,13 @@ What one `run(program)` does
 - Memory and time spent on the channel are bounded per run: a frame longer than `max_frame` keeps only its first
   `FRAME_PREFIX` bytes (its true length is recorded); more than `max_frames` frames, or more than `max_channel`
   bytes in all, is a framing violation.
+- The caller may pass `on_frame`, called with each frame as it arrives (while the child runs). When it returns a
+  number of seconds g, the run *stops* unless the current phase ends (a checkpoint arrives) within g (0: at once):
+  the child is killed, the rest of the channel is discarded and `ExecResult.stopped` is set. (The grader stops a
+  suite whose outcome is already decided.)
 - The child's whole process group is killed with SIGKILL when the phase budget runs out, when the channel breaks
-  its framing, and always at the end; `files` named by the caller are then read back from the working directory
-  (regular files only, no symlinks, capped) before it is removed.
+  its framing, when the run stops, and always at the end; `files` named by the caller are then read back from the
+  working directory (regular files only, no symlinks, capped) before it is removed.
 
 Isolation levels. The two *strong* levels give the same guarantees (docs/isolation.md says exactly which):
 - "bwrap": bubblewrap with new user, pid, network, ipc, uts and cgroup namespaces, `--disable-userns`,
@@ -123,6 +127,11 @@ COVERS = {  # level -> what it guarantees (one line each; docs/isolation.md has 
 }
 
 
+# on_frame(arrival time, kept payload, true length, checkpoints before it) -> None to go on, or g: stop the run
+# unless its current phase ends within g seconds (0: stop now)
+FrameHook = Callable[[float, bytes, int, int], float | None]
+
+
 class IsolationError(RuntimeError):
     """No strong isolation level works here and the caller did not accept a weak one (one line, names the flag)."""
 
@@ -145,6 +154,7 @@ class ExecResult:
     frame_sizes: list[int] = field(default_factory=list)  # true length of each frame (payload shorter: truncated)
     frame_phases: list[int] = field(default_factory=list)  # checkpoints received before each frame
     frame_acks: list[int] = field(default_factory=list)  # acks sent before the bytes completing each frame were read
+    stopped: bool = False  # on_frame asked to stop and the phase did not end in time: the child was killed
 
     def truncated(self, i: int) -> bool:
         """Whether frame i was longer than max_frame (only its first FRAME_PREFIX bytes were kept)."""
@@ -168,6 +178,8 @@ class ExecResult:
             return "timeout"
         if self.channel_error:
             return self.channel_error
+        if self.stopped:  # killed on the caller's request: not the program's doing
+            return None
         sig = self.exit_signal
         if sig is not None:
             try:
@@ -918,14 +930,17 @@ def _kill_uid(uid: int) -> None:
 def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tuple[str, ...] = (),
         memory_mb: int = MEMORY_MB, nproc: int = NPROC, isolation: str | None = None,
         max_output: int = MAX_OUTPUT, max_frame: int = MAX_FRAME, max_frames: int = MAX_FRAMES,
-        max_channel: int = MAX_CHANNEL, seal: bool = False, _allow_fork: bool = False) -> ExecResult:
+        max_channel: int = MAX_CHANNEL, seal: bool = False, on_frame: FrameHook | None = None,
+        _allow_fork: bool = False) -> ExecResult:
     """Run `program` (Python source) in a fresh sandboxed interpreter; see the module docstring.
 
     `timeout` is the wall-clock budget of each phase; the program ends a phase by writing an empty frame on
     fd CHANNEL_FD, and gets at most `phases` phases. `read_files` are names in the working directory to read back
     after the run. `isolation` forces a level (default: the detected one if strong or accepted, else
-    IsolationError). `seal` forbids every way of leaving a trace (files, sockets, IPC). `_allow_fork` drops the
-    no-fork rule, only for tests of the other defences."""
+    IsolationError). `seal` forbids every way of leaving a trace (files, sockets, IPC). `on_frame(t, payload, size,
+    phase)` sees each frame (arrival time, kept payload, true length, checkpoints before it) as it arrives while the
+    child runs; returning g (seconds) stops the run unless the phase ends within g (see the module docstring). `_allow_fork` drops the no-fork rule, only
+    for tests of the other defences."""
     if not timeout > 0 or not math.isfinite(timeout):
         raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
     if phases < 1:
@@ -993,7 +1008,7 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
         if sync_r >= 0:
             _map_uid(proc, sync_r, ctl_w, uid)
         res = _communicate(proc, ch_r, ctl_w, program.encode("utf-8", "surrogatepass"), start, timeout, phases,
-                           max_output, max_frame, max_frames, max_channel, lambda: _kill(proc, uid))
+                           max_output, max_frame, max_frames, max_channel, lambda: _kill(proc, uid), on_frame)
     finally:
         if proc is not None:
             _kill(proc, uid)
@@ -1050,8 +1065,9 @@ def _kill(proc: subprocess.Popen, uid: int) -> None:
 
 def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, start: float, timeout: float,
                  phases: int, max_output: int, max_frame: int, max_frames: int, max_channel: int,
-                 kill: Callable[[], None]) -> ExecResult:
-    """Feed stdin, read stdout/stderr/channel until the child exits or a phase runs out of time; ack checkpoints."""
+                 kill: Callable[[], None], on_frame: FrameHook | None = None) -> ExecResult:
+    """Feed stdin, read stdout/stderr/channel until the child exits, a phase runs out of time or `on_frame` asks to
+    stop; ack checkpoints."""
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     sel = selectors.DefaultSelector()
     out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -1069,6 +1085,9 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
     need = -1  # bytes of the current frame still to come (-1: reading a length prefix)
     size = keep = 0
     timed_out = False
+    stopped = False  # on_frame asked to stop: nothing more is read from the channel
+    stop_by: float | None = None  # when the run stops unless the current phase ends first
+    judging = on_frame is not None  # on_frame is consulted only while the child runs
     deadline = start + timeout
     try:
         pidfd = os.pidfd_open(proc.pid)
@@ -1086,7 +1105,7 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
 
     def on_channel(chunk: bytes, t: float) -> str | None:
         """Parse frames out of `chunk`; frames it completes count the acks sent before it was read."""
-        nonlocal deadline, channel_total, acks, need, size, keep
+        nonlocal deadline, channel_total, acks, need, size, keep, stopped, stop_by
         acked = acks
         channel_total += len(chunk)
         if channel_total > max_channel:
@@ -1120,7 +1139,18 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
                 sizes.append(size)
                 frame_phases.append(len(checkpoints))
                 frame_acks.append(acked)
+                grace = None
+                if judging:
+                    assert on_frame is not None
+                    grace = on_frame(t - start, frames[-1][1], size, len(checkpoints))
+                if grace is not None and grace <= 0:
+                    stopped = True
+                    body.clear()
+                    return None
+                if grace is not None:
+                    stop_by = t + grace if stop_by is None else min(stop_by, t + grace)
             else:
+                stop_by = None  # the phase ended in time
                 checkpoints.append(t - start)
                 if len(checkpoints) < phases:
                     deadline = t + timeout
@@ -1142,7 +1172,7 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
         if not chunk:
             return False
         if kind == "chan":
-            if channel_error is None:
+            if channel_error is None and not stopped:
                 channel_error = on_channel(chunk, time.monotonic())
         else:
             keep_out = max_output - len(out[fd])
@@ -1152,12 +1182,16 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
 
     try:
         exited = False
-        while not exited and channel_error is None:
+        while not exited and channel_error is None and not stopped:
             now = time.monotonic()
             if now >= deadline:
                 timed_out = True
                 break
-            wait = deadline - now if pidfd >= 0 else min(deadline - now, 0.002)
+            if stop_by is not None and now >= stop_by:
+                stopped = True
+                break
+            until = deadline if stop_by is None else min(deadline, stop_by)
+            wait = until - now if pidfd >= 0 else min(until - now, 0.002)
             for key, _ in sel.select(wait):
                 kind = key.data
                 if kind == "exit":
@@ -1177,6 +1211,7 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
             if pidfd < 0 and not exited:
                 exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         # Kill first, then drain: once nothing is left alive to write, every pipe reaches EOF.
+        judging = False
         kill()
         for fd in (stdin_fd, pidfd):
             if fd >= 0 and fd in sel.get_map():
@@ -1188,7 +1223,7 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
             for key, _ in ready:
                 if not read_ready(key.fd, key.data):
                     sel.unregister(key.fd)
-        if channel_error is None and (head or need >= 0) and not timed_out:
+        if channel_error is None and (head or need >= 0) and not timed_out and not stopped:
             channel_error = f"bad frame: {len(head) + len(body)} trailing bytes of an unfinished frame"
     finally:
         sel.close()
@@ -1198,7 +1233,7 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
     return ExecResult(returncode=None, timed_out=timed_out, stdout=out[fo].decode("utf-8", "replace"),
                       stderr=out[fe].decode("utf-8", "replace"), stdout_truncated=dropped[fo], frames=frames,
                       checkpoints=checkpoints, channel_error=channel_error, frame_sizes=sizes,
-                      frame_phases=frame_phases, frame_acks=frame_acks)
+                      frame_phases=frame_phases, frame_acks=frame_acks, stopped=stopped)
 
 
 def _read_back(workdir: str, names: tuple[str, ...]) -> dict[str, bytes]:
