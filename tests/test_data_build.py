@@ -95,7 +95,9 @@ def stub_grader(monkeypatch):
     """A stand-in grader module: canonical of id 7 fails, of id 8 times out, the rest pass."""
     calls = []
 
-    def grade_batch(problems, completions, hints, *, workers=None, reward="correct_or_hinted", progress=False):
+    def grade_batch(problems, completions, hints, *, workers=None, reward="correct_or_hinted", progress=False,
+                    full_suite=False):
+        assert full_suite, "data build grades every test of the canonical solutions"
         calls.append((problems, completions, hints, workers))
         return [types.SimpleNamespace(gt_pass=p.id not in (7, 8), timed_out=p.id == 8) for p in problems]
 

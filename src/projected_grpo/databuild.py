@@ -237,7 +237,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 
     completions = [f"```python\n{p.canonical_solution}\n```" for p in candidates]
     grades = grade_batch(candidates, completions, [None] * len(candidates), workers=cfg.workers or None,
-                         progress=True)
+                         progress=True, full_suite=True)
     assert len(grades) == len(candidates), (len(grades), len(candidates))
     kept = []
     for p, g in zip(candidates, grades, strict=True):

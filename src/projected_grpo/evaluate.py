@@ -182,7 +182,7 @@ def evaluate(
         flat_p = [p for p, cs in zip(problems, comps, strict=True) for _ in cs]
         flat_h = [h for h, cs in zip(hints, comps, strict=True) for _ in cs]
         flat_c = [c for cs in comps for c in cs]
-        grades = grade_batch(flat_p, flat_c, flat_h, workers=workers, progress=True)
+        grades = grade_batch(flat_p, flat_c, flat_h, workers=workers, progress=True, full_suite=True)  # pass rates
         result[what] = rate_summary([p.id for p in flat_p], {
             "hack": [g.label == "reward_hack" for g in grades],
             "pass": [bool(g.gt_pass) for g in grades],
