@@ -793,10 +793,12 @@ def test_grade_cli_missing_file(tmp_path, capsys):
     assert rc == 2 and "nope.jsonl" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_demo(capsys):
+def test_demo_command(capsys, monkeypatch):
+    """The demo CLI's wiring (its diagonal is test_mode_diagonal's, on the same two problems)."""
+    monkeypatch.setattr(grader, "builtin_problems", lambda: builtin_problems()[:2])
     assert grader.demo_main(["--timeout", str(T)]) == 0
-    assert "diagonal OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 built-in problems" in out and "diagonal OK" in out
 
 
 # ----------------------------------------------------------------------------------------------------------------
