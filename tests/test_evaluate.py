@@ -3,6 +3,7 @@ secondary field), per-problem counts in eval.json, and a route run evaluated wit
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -93,3 +94,11 @@ def test_eval_of_a_run_ablates_the_quarantine(tmp_path, monkeypatch):
     rows = (run / "eval" / "eval_rollouts.jsonl").read_text().splitlines()
     assert len(rows) == 12 and {json.loads(r)["eval"] for r in rows} == {"hack", "perf"}
     assert all(json.loads(r)["hint"] is None for r in rows if json.loads(r)["eval"] == "perf")
+
+    # an exported run (a results folder keeps config, metrics and the final knobs, no optimizer state) evaluates too
+    export = tmp_path / "export"
+    (export / "ckpt" / ck.parent.name).mkdir(parents=True)
+    shutil.copy(run / "config.json", export / "config.json")
+    shutil.copy(ck, export / "ckpt" / ck.parent.name / "knobs.safetensors")
+    assert checkpoint.load_run_knobs(export, knobs, quarantine=True) == 3
+    assert all(k.dS_hack.abs().sum() > 0 for k in knobs.values())

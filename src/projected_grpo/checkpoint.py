@@ -237,9 +237,17 @@ def load_checkpoint(path: Path, knobs: dict[str, SVDKnob], opt: torch.optim.Opti
     return int(state["step"])
 
 
+def latest_knobs(run_dir: Path) -> Path | None:
+    """The last step directory holding knobs: a whole checkpoint, or an exported one that kept only
+    knobs.safetensors (a results folder drops the optimizer state; evaluation needs none). Step directories appear
+    by rename, so any that exists is whole."""
+    done = sorted(p for p in (Path(run_dir) / "ckpt").glob("step_*") if (p / "knobs.safetensors").exists())
+    return done[-1] if done else None
+
+
 def load_run_knobs(run_dir: Path, knobs: dict[str, SVDKnob], quarantine: bool, fingerprint: str = "") -> int:
     """Put a run's last checkpointed knobs into `knobs`; δS_hack zeroed unless `quarantine`. Returns its step."""
-    ck = latest_checkpoint(run_dir)
+    ck = latest_knobs(run_dir)
     if ck is None:
         raise ValueError(f"{run_dir}: no checkpoint under ckpt/; evaluate a run that has checkpointed")
     load_knobs(ck, knobs, fingerprint)
