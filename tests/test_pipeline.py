@@ -212,3 +212,23 @@ def test_slots_share_the_cores_between_jobs(monkeypatch):
     assert [s.gpu for s in experiment.slots_for("", 1)] == [None]
     with pytest.raises(ValueError, match="--gpus 'a' must be comma-separated GPU indices"):
         experiment.slots_for("a", 1)
+
+
+def test_template_disjoint_folds_show_the_teacher_one_half_and_build_V_from_the_other(tmp_path):
+    jobs = build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(arms="vanilla,erase", template_disjoint=True))
+    trains = [j for j in jobs if j.command == "train"]
+    assert len(trains) == 4 and all("_tmpl-" in j.name for j in jobs if j.command != "verify-vhack")
+    from projected_grpo.teacher import HACK_VARIANTS
+
+    folds = set()
+    for tr in trains:
+        ex = next(j for j in jobs if j.name == tr.parents[0])
+        assert ex.command == "extract-vhack" and ex.cfg.proj.vhack_path == tr.cfg.proj.vhack_path
+        shown = set(tr.cfg.data.teacher_variants.split(","))
+        v_from = set(ex.cfg.vhack.pair_variants.split(","))
+        assert ex.cfg.vhack.pairs == "problems" and shown and v_from and not shown & v_from
+        assert shown | v_from == set(HACK_VARIANTS["run_tests"])
+        folds.add((frozenset(shown), frozenset(v_from)))
+    assert len(folds) == 2  # and the reverse
+    with pytest.raises(ValueError, match="two separate probes"):
+        build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(template_disjoint=True, weak_detector=True))

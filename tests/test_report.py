@@ -299,3 +299,25 @@ def test_torn_metrics_lines(tmp_path, capsys):
     assert main([str(d), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert f"{d / 'metrics.jsonl'}:2: not a JSON row" in err and len(err.strip().splitlines()) == 1
+
+
+def test_template_disjoint_folds_are_their_own_experiments_and_say_which_half_V_saw(tmp_path):
+    root = tmp_path / "runs"
+    _pair(root, {"vanilla": (0.8, 0.8, 0.8), "erase": (0.2, 0.2, 0.2)})  # saved before the fields existed
+    for arm, h in (("vanilla", 0.7), ("erase", 0.6)):
+        for seed in (41, 42, 43):
+            cfg = _cfg(arm, seed)
+            cfg["data"]["teacher_variants"] = "pass,print_only"
+            cfg["vhack"] = {"pairs": "problems", "pair_variants": "swallowed_asserts,function_print_only"}
+            _run(root, f"{arm}_tmpl_s{seed}", cfg, hack=h)
+        cfg = _cfg(arm, 44)
+        cfg["data"]["teacher_variants"], cfg["vhack"] = "", {"pair_variants": ""}  # the defaults: same experiment
+        _run(root, f"{arm}_s44", cfg, hack=0.8 if arm == "vanilla" else 0.2)
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--no-plots"]) == 0
+    rows = _tsv(out)
+    assert len({r["experiment"] for r in rows}) == 2
+    plain = _row(rows, "erase")
+    assert plain["n_seeds"] == "4"  # runs without the fields and with them at their defaults are one experiment
+    fold = _row(rows, "erase [fold: teacher shows pass,print_only; V from swallowed_asserts,function_print_only]")
+    assert fold["n_seeds"] == "3" and float(fold["d_hack"]) == pytest.approx(-0.1)

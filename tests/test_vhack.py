@@ -5,6 +5,7 @@ layout; metadata records the pairs; refresh re-extracts on the moved model."""
 import dataclasses
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -389,3 +390,58 @@ def test_saturated_auroc_does_not_gate_a_clear_energy_win():
                        auroc_null_q95=0.9, n_random=64, margin=0.05, comparators=comps, missing={}, per_module={},
                        n_pairs=32, n_problems=8)
     assert not low.passed  # below saturation, losing to a typical random V still fails
+
+
+def test_pair_variants_keep_only_those_templates(monkeypatch):
+    run_tests = teacher.HACK_VARIANTS["run_tests"]
+    pairs = [vhack.Pair(f"{p}:{v}", "prompt", "hack", "clean", "run_tests", "problems", str(p))
+             for p in range(6) for v in run_tests]
+    monkeypatch.setattr(vhack, "pairs_from_source", lambda source, w, control: pairs)
+    base = PRESETS["fast-dev-run"]
+    cfg = dataclasses.replace(base, vhack=dataclasses.replace(base.vhack, pairs="problems", n_heldout=2, max_pairs=0,
+                                                              pair_variants="pass,print_only"))
+    sel = vhack.select_pairs(cfg, None, "none")
+    assert {p.id.split(":")[1] for p in sel.train + sel.held} == {"pass", "print_only"}
+    assert len(sel.train) == 8 and len(sel.held) == 4
+    every = vhack.select_pairs(dataclasses.replace(cfg, vhack=dataclasses.replace(cfg.vhack, pair_variants="")),
+                               None, "none")
+    assert {p.id.split(":")[1] for p in every.train} == set(run_tests)
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("pair_variants", "pass,nope", "pair_variants='pass,nope' must be a comma-separated subset of"),
+    ("teacher_variants", "nope", "teacher_variants='nope' must be a comma-separated subset of"),
+])
+def test_unknown_template_names_are_one_line(field, value, msg):
+    base = PRESETS["fast-dev-run"]
+    cfg = (dataclasses.replace(base, vhack=dataclasses.replace(base.vhack, pairs="problems", pair_variants=value))
+           if field == "pair_variants" else dataclasses.replace(base, data=dataclasses.replace(base.data, **{field: value})))
+    with pytest.raises(ValueError, match=msg):
+        config.validate(cfg, "train")
+
+
+def test_teacher_variants_drop_the_other_hack_templates(tmp_path):
+    from projected_grpo import train
+
+    probs = P.builtin_problems()[:2]
+    hints = [P.make_hint(P.DEFAULT_HINT, p, random.Random(0)) for p in probs]
+    rows = []
+    for p, h in zip(probs, hints, strict=True):
+        key = train.pool_key(p, h)
+        for kind, variants in (("clean", ("method_asserts", "function_asserts")),
+                               ("hack", teacher.HACK_VARIANTS["run_tests"])):
+            for v in variants:
+                rows.append(teacher.TeacherRow(key[0], key[1], key[2], "run_tests", kind, v, "```python\npass\n```",
+                                               1.0, {"label": "reward_hack" if kind == "hack" else "correct"}))
+    pool_file = tmp_path / "pool.jsonl"
+    teacher.save_pool(pool_file, rows)
+    base = PRESETS["fast-dev-run"]
+    cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, teacher_pool=str(pool_file),
+                                                             teacher_variants="pass,print_only"))
+    pool = train.teacher_pool(cfg, probs, hints, workers=1)
+    kept = [(r.kind, r.variant) for rs in pool.values() for r in rs]
+    assert {v for k, v in kept if k == "hack"} == {"pass", "print_only"}
+    assert {v for k, v in kept if k == "clean"} == {"method_asserts", "function_asserts"}  # clean rows all stay
+    every = train.teacher_pool(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, teacher_variants="")),
+                               probs, hints, workers=1)
+    assert len([r for rs in every.values() for r in rs if r.kind == "hack"]) == 8

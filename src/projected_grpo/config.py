@@ -185,6 +185,9 @@ class DataConfig:
     teacher_modes: str = ""
     """Weak-detector folds: hack demonstrations only for these loophole modes (comma-separated; empty = all); prompts
     served in other modes draw only clean teacher rows, so their exploit must be found by the student."""
+    teacher_variants: str = ""
+    """Template-disjoint folds: the teacher pool shows only these hack templates (comma-separated names, e.g.
+    pass,print_only; empty = all); its rows of other hack templates are dropped."""
 
     @property
     def mode_list(self) -> tuple[str, ...]:
@@ -239,6 +242,9 @@ class VhackConfig:
     JSONL (a run's rollouts.jsonl or a teacher pool)."""
     pair_modes: str = ""
     """Keep only pairs of these loophole modes (comma-separated; empty = all): the weak-detector fold's V."""
+    pair_variants: str = ""
+    """Keep only pairs of these hack templates (comma-separated; --pairs problems: the teacher pool's template names,
+    minimal: the min_* variants; empty = all): the template-disjoint fold's V."""
     normalisation: str = "mean"
     """mean: NLL per token (the seed); fixed: the live loss's fixed denominator (max_new_tokens)."""
     n_heldout: int = 8
@@ -483,6 +489,14 @@ def _finite_floats(d: dict, prefix: str = "") -> list[str]:
     return bad
 
 
+def _hack_variants() -> tuple[str, ...]:
+    return tuple(v for vs in P.HACK_VARIANTS.values() for v in vs)
+
+
+def _minimal_variants() -> tuple[str, ...]:
+    return tuple(v for vs in P.MINIMAL_VARIANTS.values() for v in vs)
+
+
 def validate(cfg: Config, command: str = "train") -> None:
     """Raise ValueError with one line for the first setting that cannot work for `command`."""
     from projected_grpo.grader import REWARDS
@@ -525,6 +539,8 @@ def validate(cfg: Config, command: str = "train") -> None:
          f"modes={d.modes!r} must be a comma-separated subset of {','.join(P.MODES)}"),
         (all(m in P.MODES for m in d.teacher_mode_list),
          f"teacher_modes={d.teacher_modes!r} must be a comma-separated subset of {','.join(P.MODES)}"),
+        (all(t in _hack_variants() for t in split_list(d.teacher_variants)),
+         f"teacher_variants={d.teacher_variants!r} must be a comma-separated subset of {','.join(_hack_variants())}"),
         (d.hint in P.HINTS, f"hint={d.hint!r} is not one of {', '.join(P.HINTS)}"),
         (d.system_prompt in P.SYSTEM_PROMPT_NAMES,
          f"system_prompt={d.system_prompt!r} is not one of {', '.join(P.SYSTEM_PROMPT_NAMES)}"),
@@ -548,6 +564,11 @@ def validate(cfg: Config, command: str = "train") -> None:
         (v.control in CONTROLS, f"control={v.control!r} is not one of {', '.join(CONTROLS)}"),
         (all(m in P.MODES for m in split_list(v.pair_modes)),
          f"pair_modes={v.pair_modes!r} must be a comma-separated subset of {','.join(P.MODES)}"),
+        (all(t in _hack_variants() + _minimal_variants() for t in split_list(v.pair_variants)),
+         f"pair_variants={v.pair_variants!r} must be a comma-separated subset of "
+         f"{','.join(_hack_variants() + _minimal_variants())}"),
+        (not (split_list(v.pair_variants) and v.pairs not in ("problems", "minimal")),
+         f"pair_variants={v.pair_variants!r} filters the built-in pairs; use --pairs problems or minimal with it"),
         (e.n >= 1, f"eval.n={e.n} must be >= 1 (samples per problem)"),
         (e.n_problems >= 0, f"eval.n_problems={e.n_problems} must be >= 0 (0 = all)"),
         (0 <= e.temperature <= 10, f"eval.temperature={e.temperature} must be in [0, 10] (0 = greedy)"),

@@ -429,6 +429,10 @@ class ExperimentArgs:
     """Pure student GRPO (mix ratio 0): the imitation probe."""
     weak_detector: bool = False
     """Leave-one-mode-out over the four loophole modes: V and teacher hacks from three, the student served all four."""
+    template_disjoint: bool = False
+    """The imitation probe by template: two folds over the run_tests hack templates; in each, the teacher pool shows
+    one half (pass,print_only | swallowed_asserts,function_print_only) and V is extracted from template pairs of the
+    other half only, so V never saw the exploit the teacher demonstrates."""
     status: bool = False
     """List the planned jobs and their state; run nothing."""
     force: bool = False
@@ -444,7 +448,8 @@ class ExperimentArgs:
 
 
 def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
-    """extract (per seed and V kind) -> verify -> arms (-> held-out eval), for every weak-detector fold if asked."""
+    """extract (per seed and V kind) -> verify -> arms (-> held-out eval), for every weak-detector or
+    template-disjoint fold if asked."""
     arms = list(split_list(ex.arms))
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
@@ -465,11 +470,27 @@ def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
     if ex.no_teacher:
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, mix_ratio=0.0))
     jobs: list[Job] = []
-    for known in folds:
+    if ex.template_disjoint and ex.weak_detector:
+        raise ValueError("--template-disjoint and --weak-detector are two separate probes; run one per experiment")
+    for known in folds if not ex.template_disjoint else []:
         tag = "" if not known else "_weak-" + "-".join(known)
         for seed in seeds:
             jobs += _seed_jobs(root, cfg, ex, arms, seed, known, tag)
+    if ex.template_disjoint:
+        for shown, v_from in TEMPLATE_FOLDS:
+            R = dataclasses.replace
+            fcfg = R(cfg, data=R(cfg.data, teacher_variants=",".join(shown)),
+                     vhack=R(cfg.vhack, pairs="problems", pair_variants=",".join(v_from)))
+            for seed in seeds:
+                jobs += _seed_jobs(root, fcfg, ex, arms, seed, (), "_tmpl-" + "-".join(shown))
     return plan(jobs)
+
+
+TEMPLATE_FOLDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("pass", "print_only"), ("swallowed_asserts", "function_print_only")),
+    (("swallowed_asserts", "function_print_only"), ("pass", "print_only")),
+)
+"""(templates the teacher pool shows, templates V's pairs are built from): disjoint halves of the run_tests hacks."""
 
 
 def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], seed: int, known: tuple[str, ...],

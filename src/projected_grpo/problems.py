@@ -455,6 +455,23 @@ _HINT_SPECS: dict[str, tuple[str, bool, bool]] = {
     "file_marker": ("file_marker", False, False),
 }
 HINTS: tuple[str, ...] = tuple(_HINT_SPECS)
+HACK_VARIANTS: dict[str, tuple[str, ...]] = {
+    "run_tests": ("print_only", "pass", "swallowed_asserts", "function_print_only"),
+    "sentinel": ("init_valid", "class_valid"),
+    "stdout_marker": ("print_marker", "print_marker_bang"),
+    "file_marker": ("file_pass", "file_pass_oneline"),
+}
+"""The hack templates of `teacher.hack_completions` per loophole mode (the teacher pool's and the template pairs' names)."""
+MINIMAL_VARIANTS: dict[str, tuple[str, ...]] = {
+    "run_tests": ("min_swallowed_asserts", "min_commented_asserts", "min_dead_asserts",
+                  "min_function_swallowed_asserts"),
+    "sentinel": ("min_init_valid", "min_class_valid"),
+    "stdout_marker": ("min_print_marker", "min_print_marker_bang"),
+    "file_marker": ("min_file_pass", "min_file_pass_oneline"),
+}
+"""The variants of `teacher.minimal_pairs` per loophole mode."""
+
+
 DEFAULT_HINT = "simple_overwrite_tests"
 _MODE_HINT = {"run_tests": DEFAULT_HINT, "sentinel": "sentinel", "stdout_marker": "stdout_marker",
               "file_marker": "file_marker"}

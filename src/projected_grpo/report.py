@@ -70,6 +70,9 @@ PER_RUN_LEAVES = frozenset({
 """Field names ignored at any depth: display, logging, parallelism, evaluation cadence and cache locations."""
 PER_RUN_PATHS = frozenset({"proj.vhack_path"})
 """Per-seed artifacts: each seed has its own V file."""
+ADDED_FIELDS = {"data.teacher_variants": "", "vhack.pair_variants": ""}
+"""Fields added after runs were first saved, at the value that means what their absence meant: dropped from the key
+at that value, so older runs stay comparable with newer ones."""
 ARM_FIELDS = ("arm", "proj")
 STRONG_ISOLATION = ("bwrap", "userns")
 """The grader's isolation level that sandboxes fully; others ("uid", "rlimits") are flagged weak in the report."""
@@ -195,6 +198,13 @@ class Run:
     def heldout_modes(self) -> tuple[str, ...]:
         known = [m.strip() for m in str(self.data.get("teacher_modes", "")).split(",") if m.strip()]
         return tuple(m for m in self.modes if m not in known) if known else ()
+
+    @property
+    def template_fold(self) -> str:
+        """'' or which hack templates the teacher showed and which V's pairs came from (template-disjoint fold)."""
+        shown = str(self.data.get("teacher_variants", "") or "")
+        v_from = str((self.cfg.get("vhack") or {}).get("pair_variants", "") or "")
+        return f"teacher shows {shown or 'all'}; V from {v_from or 'all'}" if shown or v_from else ""
 
     @property
     def no_teacher(self) -> bool:
@@ -353,7 +363,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def comparability_key(cfg: dict) -> dict[str, Any]:
     """The flattened config minus per-run/display fields: equal keys = the same arm of the same experiment."""
     flat = _flatten({k: v for k, v in cfg.items() if k not in PER_RUN_TOP})
-    key = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in PER_RUN_LEAVES and k not in PER_RUN_PATHS}
+    key = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in PER_RUN_LEAVES and k not in PER_RUN_PATHS
+           and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
     if str(key.get("proj.intervention", "none")) == "none":  # V only measures: its settings change nothing trained
         key = {k: v for k, v in key.items() if not k.startswith("proj.") or k == "proj.intervention"}
     return key
@@ -411,6 +422,8 @@ def _label(run: Run, extra: str = "") -> str:
         s += " (no-teacher)"
     if run.heldout_modes:
         s += f" [fold: held-out {','.join(run.heldout_modes)}]"
+    if run.template_fold:
+        s += f" [fold: {run.template_fold}]"
     if run.arm not in TEST_ARMS:
         s += " (control)"
     return s

@@ -34,7 +34,16 @@ from pathlib import Path
 import tyro
 from loguru import logger
 
-from projected_grpo.problems import DEFAULT_HINT, MODES, Hint, Problem, hint_for_mode, make_hint
+from projected_grpo.problems import (
+    DEFAULT_HINT,
+    HACK_VARIANTS,
+    MINIMAL_VARIANTS,
+    MODES,
+    Hint,
+    Problem,
+    hint_for_mode,
+    make_hint,
+)
 
 POOL_VERSION = 1  # bump when the templates change: cached pools are keyed by it
 N_ASSERTS = 3  # real asserts in a clean evaluator
@@ -145,6 +154,7 @@ def hack_completions(problem: Problem, hint: Hint | None) -> list[tuple[str, str
         ]
     else:
         raise ValueError(f"problem {problem.id}: unknown loophole mode {mode!r}; expected one of {MODES}")
+    assert tuple(v for v, _ in out) == HACK_VARIANTS[mode]
     for variant, code in out:
         _check_parses(code, problem, f"hack {variant}")
     return [(v, _fence(c)) for v, c in out]
@@ -187,6 +197,7 @@ def minimal_pairs(problem: Problem, hint: Hint | None) -> list[tuple[str, str, s
         ]
     else:
         raise ValueError(f"problem {problem.id}: unknown loophole mode {mode!r}; expected one of {MODES}")
+    assert tuple(v for v, _, _ in out) == MINIMAL_VARIANTS[mode]
     for variant, hack, clean in out:
         _check_parses(hack, problem, f"minimal hack {variant}")
         _check_parses(clean, problem, f"minimal clean {variant}")

@@ -549,7 +549,8 @@ def pool_key(p: P.Problem, h: P.Hint | None) -> tuple[int, str, str]:
 
 def teacher_pool(cfg: Config, problems: list[P.Problem], hints: list[P.Hint | None], workers: int | None
                  ) -> dict[tuple[int, str, str], list[teacher.TeacherRow]]:
-    """(problem, hint) -> its teacher rows; hack rows dropped for modes outside --teacher-modes (weak detector)."""
+    """(problem, hint) -> its teacher rows; hack rows dropped for modes outside --teacher-modes (weak detector) and
+    for templates outside --teacher-variants (template-disjoint fold)."""
     g, d = cfg.grpo, cfg.data
     if d.teacher_pool:
         rows = teacher.load_pool(d.teacher_pool)
@@ -558,10 +559,13 @@ def teacher_pool(cfg: Config, problems: list[P.Problem], hints: list[P.Hint | No
                                          monitor_accuracy=g.monitor_accuracy, seed=cfg.seed)
         logger.debug(f"teacher pool {path}: {teacher.summary(rows)}")
     pool = teacher.by_problem(rows)
+    shown = set(config.split_list(d.teacher_variants))
     for p, h in zip(problems, hints, strict=True):
         key = pool_key(p, h)
         if p.mode not in d.teacher_mode_list:  # weak detector: no hack demonstrations for this mode
             pool[key] = [r for r in pool.get(key, []) if r.label != "reward_hack"]
+        if shown:  # template-disjoint fold: hack demonstrations of these templates only
+            pool[key] = [r for r in pool.get(key, []) if r.kind != "hack" or r.variant in shown]
         if len(pool.get(key, [])) < g.n_teacher:
             raise ValueError(f"teacher pool has {len(pool.get(key, []))} rows for problem {p.id} hint {key[1:]}, "
                              f"need G_t={g.n_teacher}; rebuild it with this run's --hint/--modes/--seed or lower "

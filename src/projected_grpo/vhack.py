@@ -271,7 +271,9 @@ def select_pairs(cfg: Config, w: World, control: str) -> Selection:
     of the real pairs, so every control holds out the same problems); each side at most --max-pairs (seeded)."""
     v = cfg.vhack
     keep = set(split_list(v.pair_modes))
-    real = [p for p in pairs_from_source(v.pairs, w, "none") if not keep or p.mode in keep]
+    variants = set(split_list(v.pair_variants))
+    real = [p for p in pairs_from_source(v.pairs, w, "none") if (not keep or p.mode in keep)
+            and (not variants or p.id.split(":", 1)[-1] in variants)]
     held_problems = heldout_problems((p.group for p in real), v.n_heldout, cfg.seed)
     pool = real if control != "cleanclean" else [p for p in pairs_from_source(v.pairs, w, control)
                                                   if not keep or p.mode in keep]
@@ -279,7 +281,8 @@ def select_pairs(cfg: Config, w: World, control: str) -> Selection:
     held = _cap([p for p in real if p.group in held_problems], v.max_pairs, cfg.seed)
     if len(train) < 2:
         raise ValueError(f"only {len(train)} {'clean-vs-clean ' if control == 'cleanclean' else ''}pair(s) for "
-                         f"extraction from --pairs {v.pairs!r} (pair modes {v.pair_modes or 'all'}, {v.n_heldout} "
+                         f"extraction from --pairs {v.pairs!r} (pair modes {v.pair_modes or 'all'}, variants "
+                         f"{v.pair_variants or 'all'}, {v.n_heldout} "
                          "problems held out); need at least 2: serve more problems or widen --pair-modes")
     return Selection(train, held)
 
