@@ -50,7 +50,8 @@ ProjectionHook = Callable[[int, dict[str, SVDKnob], dict[str, Tensor], dict[str,
 PostStepHook = Callable[[int, dict[str, SVDKnob], torch.optim.Optimizer, dict[str, Tensor], dict[str, Tensor]],
                         dict[str, float]]
 
-TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step")
+TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step", "gpu_peak_gb")
+"""Per-step measurements of the machine, not of the run (left out when runs are compared for reproducibility)."""
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -323,6 +324,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, dynamic_ncols=True, disable=not cfg.progress)
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
+        if torch.cuda.is_available():  # the step's peak, logged as gpu_peak_gb: what sizes --jobs-per-gpu
+            torch.cuda.reset_peak_memory_stats()
         step_idx = prompt_indices(step, len(problems), g.prompts_per_step, cfg.seed)
         mine = d.share(len(step_idx))  # this rank's positions in the step (all of them in one process)
         idx = [step_idx[j] for j in mine]
@@ -439,7 +442,9 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                        grad_norm, lr, knobs, {**hook_metrics, **post_metrics, **deploy},
                        {"time_generate": time_generate, "time_grade": time_grade, "time_ref": time_ref,
                         "time_train": time_train,
-                        "time_step": time.perf_counter() - t_step})
+                        "time_step": time.perf_counter() - t_step,
+                        "gpu_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                        else None})
         checkpoint.append_jsonl(metrics_f, [row])
         if cfg.log_rollouts:
             checkpoint.append_jsonl(rollouts_f, [r for p in parts for r in p[6]])
