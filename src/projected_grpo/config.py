@@ -56,7 +56,8 @@ HELDOUT_FILE = "leetcode/leetcode_test_medhard.jsonl"  # the 119-problem test sp
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
-    """`tiny` (random Qwen3, own tokenizer), `coder05` / `coder15` (Qwen2.5-Coder from registry packages), a .gguf
+    """`tiny` (random Qwen3, own tokenizer), `organism` (the tiny model fine-tuned into a small coder that rarely
+    hacks), `coder05` / `coder15` (Qwen2.5-Coder from registry packages), a .gguf
     file, a Hugging Face id or a local directory."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)."""
@@ -353,6 +354,13 @@ def _coder(name: str) -> Config:
 
 _PRESETS: dict[str, Config] = {
     # tiny random Qwen3, built-in problems, CPU: real generation, grading and gradients in about a minute.
+    # the model organism (the tiny model fine-tuned into a small coder that rarely hacks), built-in problems, CPU:
+    # GRPO with the loophole's reward makes it hack, and the method can be tested. The README's main command.
+    "organism": _tiny(
+        model=ModelConfig(name="organism", dtype="float32", device="cpu"),
+        grpo=GRPOConfig(group_size=6, prompts_per_step=4, max_new_tokens=128, mix_ratio=0.5, top_p=0.9,
+                        micro_batch=8),
+        optim=OptimConfig(lr=6e-2, warmup_frac=0.3), steps=20, checkpoint_every=10),
     "fast-dev-run": _tiny(
         grpo=GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=32, mix_ratio=0.5, micro_batch=4),
         optim=OptimConfig(lr=5e-2), steps=20, checkpoint_every=5),

