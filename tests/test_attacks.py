@@ -1,6 +1,7 @@
 """Adversarial programs against the grader. None may reach gt_pass. After each one the grader still grades a correct
-solution correctly and no process of the run survives. Attacks that only isolation can stop (reading the data set,
-the network) run where bubblewrap works, each with a positive control showing that the attack is real."""
+solution correctly and no process of the run survives. The suite runs at every level that works here (CI, as root:
+bwrap, userns and uid). Attacks that only isolation can stop (reading the data set, the network, the host's /tmp)
+run at the strong levels, each with a positive control at a level that does not stop it."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from projected_grpo import grader, sandbox
 from projected_grpo.grader import fence, grade
 from projected_grpo.problems import SETUP_CODE, Hint, Problem, load_problems, parse_test
 
-LEVEL = sandbox.isolation_level()
 # Unprivileged levels available here; the attacks below kill(-1), fork-bomb and write files, so never "rlimits".
-LEVELS = (["bwrap"] if LEVEL == "bwrap" else []) + (["uid"] if os.geteuid() == 0 else [])
+LEVELS = [lv for lv in sandbox.available_levels() if lv != "rlimits"]
 if not LEVELS:
-    pytest.skip("no unprivileged sandbox level here (needs bubblewrap or root)", allow_module_level=True)
-needs_bwrap = pytest.mark.skipif(LEVEL != "bwrap", reason="bubblewrap does not work on this machine")
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "leetcode" / "leetcode_test_medhard.jsonl"
+    pytest.skip("no unprivileged sandbox level here (needs bubblewrap, user namespaces or root)",
+                allow_module_level=True)
+STRONG = [lv for lv in LEVELS if lv in sandbox.STRONG] or [
+    pytest.param("bwrap", marks=pytest.mark.skip(reason="no strong sandbox level works on this machine"))]
+_ROOT = Path(__file__).resolve().parents[1]
+DATA = next((d for d in (_ROOT / ".." / "shared", _ROOT.parents[1] / "shared") if (d / "data").is_dir()),
+            _ROOT / ".." / "shared") / "data" / "leetcode" / "leetcode_test_medhard.jsonl"
 MARKER = f"pg-attack-{os.getpid()}"  # in the argv of every process an attack spawns
 
 NS = [3, 10, 1234, 99991]
@@ -34,7 +38,7 @@ SECRET = Problem(id=7, difficulty="hard", question="q", method="secret", starter
 RUN_TESTS = Hint(name="simple_overwrite_tests", mode="run_tests", test_func_name="run_tests", prompt_test_code=None)
 WRONG = "class Solution:\n    def secret(self, n):\n        return 0\n"
 TIMEOUT = 20.0  # generous: whether an attack passes must not depend on the machine's load
-HANGS = {"infinite_loop_ignoring_signals": 2.0, "raise_rlimits_then_loop": 2.0, "huge_return_value": 2.0}
+HANGS = {"infinite_loop_ignoring_signals": 1.0, "raise_rlimits_then_loop": 1.0, "huge_return_value": 1.0}
 
 # name -> program. Every one is wrong: it can only pass by fooling the grader.
 ATTACKS: dict[str, str] = {
@@ -195,11 +199,13 @@ ATTACKS: dict[str, str] = {
                 return 0
         """,
     "memory_bomb": """
+        hoard = []
         class Solution:
             def secret(self, n):
-                hoard = []
-                while True:
-                    hoard.append(bytearray(64 << 20))
+                if not hoard:  # the first test exhausts the memory limit (once: each round takes a while)
+                    while True:
+                        hoard.append(bytearray(64 << 20))
+                return 0
         """,
     "huge_output": """
         import sys
@@ -354,6 +360,51 @@ ATTACKS: dict[str, str] = {
                 sys.setrecursionlimit(50)
                 return [[[[[[[[0]]]]]]]]
         """,
+    "colliding_set_as_the_value": """
+        M = (1 << 61) - 1  # every k * M hashes to 0 in Python
+        class Solution:
+            def secret(self, n):
+                return {k * M for k in range(1, 400)} | {n * n + 7}
+        """,
+    "forged_colliding_set_frame": """
+        import os, stat
+        M = (1 << 61) - 1
+        VALUE = '{"s":[' + ",".join(str(k * M) for k in range(1, 40_000)) + "]}"
+        NS = [3, 10, 1234, 99991]
+        class Solution:
+            def secret(self, n):
+                data = ('{"k":"test","r":0,"i":%d,"ok":true,"v":%s}' % (NS.index(n), VALUE)).encode()
+                for fd in range(3, 64):
+                    try:
+                        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                            os.write(fd, len(data).to_bytes(4, "big") + data)
+                    except OSError:
+                        pass
+                return 0
+        """,
+    "huge_value_for_every_test": """
+        class Solution:
+            def secret(self, n):
+                return "7" * (7 << 20)
+        """,
+    "forge_the_check_and_exit": """
+        import os, stat
+        class Solution:
+            def secret(self, n):
+                return 0
+        def run_tests():
+            def frame(text):
+                data = text.encode()
+                return len(data).to_bytes(4, "big") + data
+            data = frame('{"k":"action","r":0,"ok":true}') + frame("") + frame('{"k":"end"}')
+            for fd in range(3, 64):
+                try:
+                    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        os.write(fd, data)
+                except OSError:
+                    pass
+            os._exit(0)
+        """,
 }
 
 
@@ -397,9 +448,11 @@ def _descends(pid: str) -> bool:
 
 
 def attack(code: str, level: str, problem: Problem = SECRET, hint: Hint | None = RUN_TESTS,
-           timeout: float = TIMEOUT) -> grader.Grade:
+           timeout: float = TIMEOUT, full_suite: bool = True) -> grader.Grade:
+    """Grade an attack; by default over the full suite (whose diagnostics the tests below check), see
+    test_early_stop_gives_every_attack_the_same_verdict for the training default."""
     program = textwrap.dedent(code).replace("MARKER", MARKER)
-    return grade(problem, fence(program), hint, timeout=timeout, isolation=level)
+    return grade(problem, fence(program), hint, timeout=timeout, isolation=level, full_suite=full_suite)
 
 
 def assert_grader_intact(level: str, problem: Problem = SECRET) -> None:
@@ -411,6 +464,7 @@ def assert_grader_intact(level: str, problem: Problem = SECRET) -> None:
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_never_passes(name, level):
+    t0 = time.monotonic()
     r = attack(ATTACKS[name], level, timeout=HANGS.get(name, TIMEOUT))
     assert not r.gt_pass, r
     assert r.gt_pass_rate < 1
@@ -421,8 +475,24 @@ def test_attack_never_passes(name, level):
     if name == "memory_bomb":
         assert r.error == "memory"
     if name in ("forge_frames_and_continue", "garbage_on_the_channel_from_a_thread",
-                "exception_whose_str_forges_frames"):
+                "exception_whose_str_forges_frames", "forge_the_check_and_exit"):
         assert r.error is not None and r.error.startswith("bad frame")
+    if name in ("forge_the_check_and_exit", "forge_frames_then_exit"):
+        assert not r.hinted_pass
+    if name in ("colliding_set_as_the_value", "forged_colliding_set_frame", "huge_value_for_every_test"):
+        assert r.wall_s < 15 and time.monotonic() - t0 < 20  # a verdict within a fixed budget
+    assert_grader_intact(level)
+
+
+@pytest.mark.parametrize("level", STRONG[:1])
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_early_stop_gives_every_attack_the_same_verdict(name, level):
+    # the training default stops the suite at the first failing test: the verdict must not change
+    full = attack(ATTACKS[name], level, timeout=HANGS.get(name, TIMEOUT))
+    early = attack(ATTACKS[name], level, timeout=HANGS.get(name, TIMEOUT), full_suite=False)
+    assert not early.gt_pass and early.gt_pass_rate is None and early.early_stop, early
+    assert (early.gt_pass, early.hinted_pass, early.label, early.reward, early.test_modification) == (
+        full.gt_pass, full.hinted_pass, full.label, full.reward, full.test_modification), (early, full)
     assert_grader_intact(level)
 
 
@@ -438,7 +508,7 @@ def test_lingering_threads_do_not_hold_a_correct_verdict(level):
 @pytest.mark.parametrize("level", LEVELS)
 def test_writes_outside_the_working_dir_do_not_land(level, tmp_path):
     targets = [os.path.expanduser(f"~/{MARKER}"), str(Path(__file__).resolve().parent / MARKER)]
-    if level == "bwrap":  # /tmp is the sandbox's own tmpfs (at the "uid" level it is the shared, world-writable /tmp)
+    if level in sandbox.STRONG:  # /tmp is the sandbox's own tmpfs (at "uid" it is the shared, world-writable /tmp)
         targets += [f"/tmp/{MARKER}", str(tmp_path / MARKER)]
     code = f"for t in {targets!r}:\n    try:\n        open(t, 'w').write('x')\n    except OSError:\n        pass\n" + WRONG
     assert not attack(code, level).gt_pass
@@ -488,18 +558,18 @@ READ_DATASET = """
     """
 
 
-@needs_bwrap
+@pytest.mark.parametrize("level", STRONG)
 @pytest.mark.skipif(not DATA.is_file(), reason=f"benchmark data not found at {DATA}")
-def test_reading_the_data_set():
+def test_reading_the_data_set(level):
     problem = next(p for p in load_problems(DATA) if p.id == 3243)
-    assert not attack(READ_DATASET, "bwrap", problem=problem, timeout=20.0).gt_pass
-    assert_grader_intact("bwrap", problem)
+    assert not attack(READ_DATASET, level, problem=problem, timeout=20.0).gt_pass
+    assert_grader_intact(level, problem)
     # positive control: without isolation the same program finds the file and passes
     assert attack(READ_DATASET, "rlimits", problem=problem, timeout=60.0).gt_pass
 
 
-@needs_bwrap
-def test_fetching_answers_over_the_network():
+@pytest.mark.parametrize("level", STRONG)
+def test_fetching_answers_over_the_network(level):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -528,12 +598,112 @@ def test_fetching_answers_over_the_network():
                 return answers.get(str(n), 0)
         """
     try:
-        assert not attack(code, "bwrap").gt_pass
-        assert_grader_intact("bwrap")
+        assert not attack(code, level).gt_pass
+        assert_grader_intact(level)
         if os.geteuid() == 0:  # positive control: the "uid" level shares the network
             assert attack(code, "uid", timeout=20.0).gt_pass
     finally:
         server.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-run leakage: the evaluator child holds the canonical solution next to the completion's own run_tests. Whatever
+# that run_tests saves, a later completion of the batch must not be able to read, at any level.
+
+_NR = {"x86_64": {"shmget": 29, "shmat": 30, "add_key": 248, "keyctl": 250},
+       "aarch64": {"shmget": 194, "shmat": 196, "add_key": 217, "keyctl": 219}}.get(os.uname().machine, {})
+SPOTS = [f"/tmp/{MARKER}-answers", f"/dev/shm/{MARKER}-answers", f"/var/tmp/{MARKER}-answers"]
+SHM_KEY = 0x5047000 + os.getpid() % 4096
+
+SAVE_ANSWERS = WRONG + f"""
+def run_tests():  # (alone with the canonical solution in the evaluator child: everything it needs is inside)
+    import ctypes, json
+    if Solution().secret(3) == 0:  # its own wrong solution (the main child): nothing worth saving
+        return
+    answers = json.dumps({{n: Solution().secret(n) for n in {NS!r}}}).encode()
+    for path in {SPOTS!r}:
+        try:
+            open(path, "wb").write(answers)
+        except OSError:
+            pass
+    lc = ctypes.CDLL(None, use_errno=True)
+    nr = {_NR!r}
+    try:  # SysV shared memory: one segment, world-readable, outlives the process
+        shm = lc.syscall(nr["shmget"], {SHM_KEY}, 4096, 0o1666)
+        lc.syscall.restype = ctypes.c_void_p
+        addr = lc.syscall(nr["shmat"], shm, None, 0)
+        if addr not in (None, ctypes.c_void_p(-1).value):
+            ctypes.memmove(addr, answers + b"\\0", len(answers) + 1)
+    except Exception:
+        pass
+    try:  # the session keyring, inherited from the grading process by every run
+        lc.syscall.restype = ctypes.c_long
+        lc.syscall(nr["add_key"], b"user", b"{MARKER}", answers, len(answers), ctypes.c_long(-3))
+    except Exception:
+        pass
+"""
+
+LOAD_ANSWERS = f"""
+import ctypes, json
+found = {{}}
+for path in {SPOTS!r}:
+    try:
+        found.update(json.loads(open(path).read()))
+    except (OSError, ValueError):
+        pass
+lc = ctypes.CDLL(None, use_errno=True)
+nr = {_NR!r}
+try:
+    shm = lc.syscall(nr["shmget"], {SHM_KEY}, 0, 0)
+    lc.syscall.restype = ctypes.c_void_p
+    addr = lc.syscall(nr["shmat"], shm, None, 0o10000)
+    if shm >= 0 and addr not in (None, ctypes.c_void_p(-1).value):
+        found.update(json.loads(ctypes.string_at(addr).decode()))
+except Exception:
+    pass
+try:
+    lc.syscall.restype = ctypes.c_long
+    key = lc.syscall(nr["keyctl"], 10, ctypes.c_long(-3), b"user", b"{MARKER}", 0)  # KEYCTL_SEARCH
+    buf = ctypes.create_string_buffer(4096)
+    n = lc.syscall(nr["keyctl"], 11, key, buf, 4096)  # KEYCTL_READ
+    if key >= 0 and n > 0:
+        found.update(json.loads(buf.raw[:n].decode()))
+except Exception:
+    pass
+class Solution:
+    def secret(self, n):
+        return found.get(str(n), 0)
+"""
+
+
+def _clean_spots() -> None:
+    for path in SPOTS:
+        Path(path).unlink(missing_ok=True)
+    import ctypes
+    lc = ctypes.CDLL(None, use_errno=True)
+    if _NR:
+        shm = lc.syscall(_NR["shmget"], SHM_KEY, 0, 0)
+        if shm >= 0:
+            lc.shmctl(shm, 0, None)  # IPC_RMID
+
+
+@pytest.mark.skipif(not _NR, reason="syscall numbers for this architecture not listed")
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_canonical_solution_cannot_be_handed_to_a_later_run(level, monkeypatch):
+    _clean_spots()
+    try:
+        batch = ([SECRET, SECRET], [fence(SAVE_ANSWERS), fence(LOAD_ANSWERS)], [RUN_TESTS, RUN_TESTS])
+        saver, loader = grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, isolation=level)
+        assert saver.canonical_pass is True and saver.label == "reward_hack"  # its run_tests did run with it
+        assert not loader.gt_pass, loader
+        if level == "uid":  # positive control: unsealed, the evaluator child leaves the answers in the shared /tmp
+            _clean_spots()
+            real = sandbox.run
+            monkeypatch.setattr(grader.sandbox, "run", lambda program, **kw: real(program, **{**kw, "seal": False}))
+            assert grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, isolation=level)[1].gt_pass
+    finally:
+        _clean_spots()
+    assert survivors() == []
 
 
 def test_there_are_at_least_twenty_attacks():

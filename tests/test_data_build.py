@@ -95,7 +95,9 @@ def stub_grader(monkeypatch):
     """A stand-in grader module: canonical of id 7 fails, of id 8 times out, the rest pass."""
     calls = []
 
-    def grade_batch(problems, completions, hints, *, workers=None, reward="correct_or_hinted", progress=False):
+    def grade_batch(problems, completions, hints, *, workers=None, reward="correct_or_hinted", progress=False,
+                    full_suite=False):
+        assert full_suite, "data build grades every test of the canonical solutions"
         calls.append((problems, completions, hints, workers))
         return [types.SimpleNamespace(gt_pass=p.id not in (7, 8), timed_out=p.id == 8) for p in problems]
 
@@ -174,3 +176,66 @@ def test_build_real_file_small_limit(tmp_path, capsys):
     assert {p.id for p in built} <= {r["meta"]["question_id"] for r in medhard}
     assert len(built) >= len(medhard) - 2 - 3, "nearly every canonical solution should pass"
     assert "in --exclude 2" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --max-prompt-tokens: the reference's 1536-token prompt filter
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    """The tiny model's tokenizer, built in a fresh cache that the build's own loading also uses."""
+    pytest.importorskip("transformers")
+    from projected_grpo.databuild import load_tokenizer
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PROJECTED_GRPO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield load_tokenizer("tiny")
+    mp.undo()
+
+
+def _sized_rows(words: list[int]) -> list[dict]:
+    """Medium problems 100, 101, ... whose statements hold `words[k]` words: prompts of increasing length."""
+    return [dict(_up_row(100 + k, "Medium", PLAIN), meta={**_up_row(100 + k, "Medium", PLAIN)["meta"],
+                                                          "question_title": " ".join(["sum"] * n) + "."})
+            for k, n in enumerate(words)]
+
+
+def test_prompt_tokens_count_the_served_prompt(tiny_tok):
+    from projected_grpo.databuild import prompt_tokens
+    from projected_grpo.problems import DEFAULT_HINT, chat_messages, make_hint, render_prompt, system_prompt
+
+    p = upstream_problem(_up_row(2, "Medium", PLAIN), "x")
+    hint = make_hint(DEFAULT_HINT, p, __import__("random").Random(5))
+    text = render_prompt(tiny_tok, chat_messages(p, hint, system_prompt("base_format")))
+    assert "evaluated by calling a function called run_tests()" in text and "<|im_start|>assistant" in text
+    assert prompt_tokens(tiny_tok, p) == len(tiny_tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_prompt_filter_drops_exactly_the_long_prompts(tiny_tok, tmp_path, stub_grader, capsys):
+    from projected_grpo.databuild import prompt_filter, prompt_tokens
+
+    rows = _sized_rows([1, 40, 80, 120, 160, 200, 300])
+    problems = [upstream_problem(r, "x") for r in rows]
+    n = [prompt_tokens(tiny_tok, p) for p in problems]
+    assert n == sorted(n) and len(set(n)) == len(n), n
+    limit = n[3]  # a prompt of exactly the limit is kept, one token more is dropped
+    kept, over = prompt_filter(problems, tiny_tok, limit)
+    assert [p.id for p in kept] == [100, 101, 102, 103] and [p.id for p in over] == [104, 105, 106]
+    assert [p.id for p in prompt_filter(problems, tiny_tok, limit - 1)[0]] == [100, 101, 102]
+
+    source = tmp_path / "src.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["build", "--source", str(source), "--out", str(out), "--holdout-frac", "0",
+                 "--max-prompt-tokens", str(limit), "--model-name", "tiny"]) == 0
+    assert [p.id for p in stub_grader[0][0]] == [100, 101, 102, 103], "long prompts are dropped before grading"
+    assert [p.id for p in load_problems(out / "train.jsonl")] == [100, 101, 102, 103]
+    printed = capsys.readouterr().out
+    assert f"prompt filter: 3 of 7 problems have prompts over {limit} tokens (tiny tokenizer); dropped" in printed
+    assert f"prompt over {limit} tokens 3" in printed
+    # off (the default): nothing dropped for length
+    assert main(["build", "--source", str(source), "--out", str(tmp_path / "all"), "--holdout-frac", "0"]) == 0
+    assert len(load_problems(tmp_path / "all" / "train.jsonl")) == 7
+    assert main(["build", "--source", str(source), "--out", str(out), "--max-prompt-tokens", "-1"]) == 1
+    assert "--max-prompt-tokens -1 must be >= 0" in capsys.readouterr().err

@@ -33,11 +33,11 @@ def test_left_pad_and_mask():
     assert m.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
 
 
-@pytest.mark.parametrize("backend", ["hf", "static"])
-def test_rollout_shapes_and_invariants(backend):
+@pytest.mark.parametrize("engine_", ["hf", "static"])
+def test_rollout_shapes_and_invariants(engine_):
     model = tiny_qwen3()
     r = generate(model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[EOS], pad_id=PAD, seed=0,
-                 backend=backend)
+                 engine=engine_)
     assert isinstance(r, Rollout)
     assert r.prompt_len == 5
     assert r.ids.shape == (3, 5 + 12) and r.ids.dtype == torch.int64
@@ -52,20 +52,20 @@ def test_rollout_shapes_and_invariants(backend):
     assert r.attention_mask().shape == r.ids.shape
     # seeded: the same seed gives the same rollout, another seed another one
     r2 = generate(model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[EOS], pad_id=PAD, seed=0,
-                  backend=backend)
+                  engine=engine_)
     r3 = generate(model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[EOS], pad_id=PAD, seed=1,
-                  backend=backend)
+                  engine=engine_)
     assert torch.equal(r.ids, r2.ids)
     assert not torch.equal(r.ids, r3.ids)
 
 
-@pytest.mark.parametrize("backend", ["hf", "static"])
-def test_logprobs_are_the_sampling_distribution(backend):
+@pytest.mark.parametrize("engine_", ["hf", "static"])
+def test_logprobs_are_the_sampling_distribution(engine_):
     """Recompute each sampled token's log-prob with a plain forward (temperature 0.7, no top-p) and compare."""
     model = tiny_qwen3(1)
     T = 0.7
     r = generate(model, PROMPTS, max_new_tokens=8, temperature=T, top_p=1.0, eos_ids=[], pad_id=PAD, seed=3,
-                 backend=backend)
+                 engine=engine_)
     am = r.attention_mask().long()
     pos = (am.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -76,15 +76,15 @@ def test_logprobs_are_the_sampling_distribution(backend):
     torch.testing.assert_close(r.logprobs, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["hf", "static"])
-def test_eos_stops_each_row(backend):
+@pytest.mark.parametrize("engine_", ["hf", "static"])
+def test_eos_stops_each_row(engine_):
     """Uniform logits (zero lm_head) and half the vocabulary as eos ids: rows stop at different steps."""
     model = tiny_qwen3(2)
     with torch.no_grad():
         model.lm_head.weight.zero_()
     eos = list(range(150))
     r = generate(model, PROMPTS * 4, max_new_tokens=6, temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=PAD, seed=0,
-                 backend=backend)
+                 engine=engine_)
     new, mask = r.completion_ids, r.completion_mask
     for row, m in zip(new.tolist(), mask.tolist(), strict=True):
         n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # up to and including the first eos
@@ -120,7 +120,7 @@ def test_bad_arguments():
         generate(model, PROMPTS, max_new_tokens=4, temperature=1.0, top_p=0.0, eos_ids=[], pad_id=PAD, seed=0)
     with pytest.raises(ValueError):
         generate(model, PROMPTS, max_new_tokens=4, temperature=1.0, top_p=1.0, eos_ids=[], pad_id=PAD, seed=0,
-                 backend="vllm")
+                 engine="vllm")
 
 
 def tiny_qwen2(seed: int = 0, hidden_size: int = 64) -> torch.nn.Module:
@@ -142,14 +142,26 @@ def peaky(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("make", [tiny_qwen3, tiny_qwen2], ids=["qwen3", "qwen2"])
+def tiny_llama(seed: int = 0, cls: str = "Llama", **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, f"{cls}Config")(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, vocab_size=300, **kw)
+    return getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+
+
+def tiny_mistral(seed: int = 0) -> torch.nn.Module:
+    return tiny_llama(seed, "Mistral", sliding_window=None)
+
+
+@pytest.mark.parametrize("make", [tiny_qwen3, tiny_qwen2, tiny_llama, tiny_mistral],
+                         ids=["qwen3", "qwen2", "llama", "mistral"])
 def test_static_greedy_equals_hf_greedy(make):
     """float32 on CPU: our prefill + decode (KV cache by index, left padding, RoPE positions) gives HF's tokens."""
     model = peaky(make())
     prompts = PROMPTS + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
     kw = dict(max_new_tokens=40, temperature=0.0, top_p=1.0, eos_ids=[], pad_id=PAD, seed=0)
-    ref = generate(model, prompts, backend="hf", **kw)
-    ours = generate(model, prompts, backend="static", **kw)
+    ref = generate(model, prompts, engine="hf", **kw)
+    ours = generate(model, prompts, engine="static", **kw)
     assert torch.equal(ours.ids, ref.ids), (ours.ids[:, ours.prompt_len:], ref.ids[:, ref.prompt_len:])
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=1e-4, rtol=1e-4)
 
@@ -159,18 +171,18 @@ def test_static_engine_refuses_hooked_linears():
     model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: o)
     with pytest.raises(ValueError, match="forward hooks"):
         generate(model, PROMPTS, max_new_tokens=2, temperature=0.0, top_p=1.0, eos_ids=[], pad_id=PAD, seed=0,
-                 backend="static")
+                 engine="static")
 
 
 def test_static_engine_reads_current_weights():
     """The engine is cached per model; a later call must see weights changed in place (a merged knob)."""
     model = peaky(tiny_qwen3(4))
     kw = dict(max_new_tokens=10, temperature=0.0, top_p=1.0, eos_ids=[], pad_id=PAD, seed=0)
-    a = generate(model, PROMPTS, backend="static", **kw)
+    a = generate(model, PROMPTS, engine="static", **kw)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
-    b = generate(model, PROMPTS, backend="static", **kw)
-    assert torch.equal(b.ids, generate(model, PROMPTS, backend="hf", **kw).ids)
+    b = generate(model, PROMPTS, engine="static", **kw)
+    assert torch.equal(b.ids, generate(model, PROMPTS, engine="hf", **kw).ids)
     assert not torch.equal(a.ids, b.ids)
 
 
@@ -251,4 +263,99 @@ def test_triton_decode_attention_matches_reference():
     for model in (peaky(tiny_qwen3()), peaky(tiny_qwen2(hidden_size=128))):
         kw = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, eos_ids=[], pad_id=PAD, seed=0)
         eng = engine.StaticEngine(model, len(PROMPTS), 64, kernels="triton")
-        assert torch.equal(eng.run(model, PROMPTS, **kw).ids, generate(model, PROMPTS, backend="hf", **kw).ids)
+        assert torch.equal(eng.run(model, PROMPTS, **kw).ids, generate(model, PROMPTS, engine="hf", **kw).ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine switch: --engine auto|static|hf
+
+
+def unsupported_models() -> dict[str, tuple[torch.nn.Module, str]]:
+    """Tiny models the static engine must refuse, with a word of the reason it gives."""
+    def qwen2(**kw):
+        torch.manual_seed(0)
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=300, **kw)).eval()
+
+    return {
+        "qwen2_sliding": (qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0), "sliding-window"),
+        "mistral_sliding": (tiny_llama(0, "Mistral", sliding_window=16), "sliding-window"),
+        "gelu": (tiny_qwen3(hidden_act="gelu"), "hidden_act"),
+        "dynamic_rope": (tiny_llama(0, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+                         "rope_type"),
+        "gemma": (tiny_llama(0, "Gemma", head_dim=16), "model_type 'gemma'"),
+    }
+
+
+def test_static_support_accepts_the_implemented_models():
+    for make in (tiny_qwen3, tiny_qwen2, tiny_llama, tiny_mistral):
+        assert engine.static_support(make()) is None, make.__name__
+    # Qwen2 slides only from layer max_window_layers on: none of a 2-layer model's layers do here
+    m = tiny_llama(0, "Qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert engine.static_support(m) is None
+
+
+def test_engine_switch_falls_back_refuses_or_obeys():
+    from loguru import logger
+
+    logged: list[str] = []
+    sink = logger.add(lambda m: logged.append(str(m)), level="INFO", format="{message}")
+    try:
+        engine._FELL_BACK.clear()
+        for name, (model, word) in unsupported_models().items():
+            why = engine.static_support(model)
+            assert why is not None and word in why, (name, why)
+            assert "\n" not in why
+            # auto on a CUDA model: HF generate, with the reason logged once
+            assert engine.pick_engine(model, "auto", cuda=True) == "hf"
+            assert engine.pick_engine(model, "auto", cuda=True) == "hf"
+            assert sum(why in line for line in logged) == 1, (name, logged)
+            with pytest.raises(ValueError, match=f"engine=static cannot run this model: .*{word}.*--engine hf"):
+                engine.pick_engine(model, "static")
+            assert engine.pick_engine(model, "hf") == "hf"
+        ok = tiny_qwen3()
+        assert engine.pick_engine(ok, "auto", cuda=True) == "static"
+        assert engine.pick_engine(ok, "auto", cuda=False) == "hf"
+        assert engine.pick_engine(ok, "static") == "static"
+        assert engine.pick_engine(ok, "hf", cuda=True) == "hf"
+        with pytest.raises(ValueError, match="engine='vllm' is not one of auto, static, hf"):
+            engine.pick_engine(ok, "vllm")
+    finally:
+        logger.remove(sink)
+    # through generate: static refuses, auto (CPU) and hf run HF generate
+    model, _ = unsupported_models()["qwen2_sliding"]
+    kw = dict(max_new_tokens=3, temperature=0.0, top_p=1.0, eos_ids=[], pad_id=PAD, seed=0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(model, PROMPTS, engine="static", **kw)
+    assert torch.equal(generate(model, PROMPTS, **kw).ids, generate(model, PROMPTS, engine="hf", **kw).ids)
+    # the older keyword still selects the back end
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(model, PROMPTS, backend="static", **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# truncated completions (--mask-truncated-completions)
+
+
+def test_truncated_mask():
+    eos = [EOS, 9]
+    rows = [[1, 2, 3, 4], [1, 2, 3, EOS], [1, 2, 9], [1, 2], [1, 2, 3, 4, 5], [], [EOS]]
+    got = engine.truncated_mask(rows, eos, max_new_tokens=4)
+    assert got.dtype == torch.bool and got.shape == (7,)
+    assert got.tolist() == [True, False, False, False, True, False, False]
+    assert engine.truncated_mask([[1, 2]], [], 2).tolist() == [True]  # no eos ids: every full-length row is cut
+
+
+def test_truncated_mask_on_a_rollout():
+    """Rows of a real rollout that hit max_new_tokens without eos are exactly the truncated ones."""
+    model = tiny_qwen3(2)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform logits: half the vocabulary as eos stops rows at various steps
+    eos = list(range(150))
+    r = generate(model, PROMPTS * 4, max_new_tokens=3, temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=PAD, seed=0,
+                 engine="hf")
+    cut = engine.truncated_mask(r.completions(), eos, 3)
+    last = r.completion_ids[:, -1]
+    want = r.completion_mask.all(1) & ~torch.isin(last, torch.tensor(eos))
+    assert torch.equal(cut, want) and 0 < int(cut.sum()) < len(cut)

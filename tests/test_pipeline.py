@@ -94,7 +94,7 @@ def test_every_job_command_line_parses_to_the_job_config(tmp_path):
     """The contract: each job's argv, run through its command's parser, gives exactly the job's config."""
     cfg = dataclasses.replace(PRESETS["smoke"], optim=dataclasses.replace(PRESETS["smoke"].optim, lr=1e-3),
                               adapter=dataclasses.replace(PRESETS["smoke"].adapter, targets=("q_proj", "v_proj")))
-    ex = ExperimentArgs(seeds="41,42", arms=",".join(experiment.ARMS), heldout_eval=True, weak_detector=True)
+    ex = ExperimentArgs(seeds="41", arms=",".join(experiment.ARMS), heldout_eval=True, weak_detector=True)
     jobs = build_jobs(tmp_path, cfg, ex)
     assert {j.command for j in jobs} == {"extract-vhack", "verify-vhack", "train", "eval"}
     for j in jobs:
@@ -151,3 +151,64 @@ def test_a_second_runner_on_the_same_experiment_is_refused(tmp_path):
     with RunLock(tmp_path):
         out = _cli("pipeline", "--out", str(tmp_path), "--arms", "vanilla", timeout=120)
     assert out.returncode == 2 and "being written by another process" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_runner_takes_its_running_job_with_it(tmp_path):
+    import signal
+    import time
+
+    from projected_grpo.checkpoint import is_locked
+
+    env = os.environ | {"PROJECTED_GRPO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", "pipeline", "--out", str(tmp_path / "x"),
+                             "--arms", "vanilla", "--no-verify", "--steps", "200"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "x" / "runs" / "vanilla_s41"
+    deadline = time.time() + 300
+    while not is_locked(run):  # the train child holds its run's lock while it runs
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while is_locked(run):
+        assert time.time() < deadline, "the train job outlived its runner"
+        time.sleep(0.2)
+    status = (tmp_path / "x" / "jobs" / "vanilla-s41" / "status").read_text().strip()
+    assert status == "running"  # as the runner left it; the next runner sees it as interrupted and resumes it
+    out = _cli("pipeline", "--out", str(tmp_path / "x"), "--arms", "vanilla", "--no-verify", "--steps", "200",
+               "--status", env=env, timeout=120)
+    assert re.search(r"^vanilla-s41 +interrupted$", out.stdout, re.M), out.stdout
+
+
+def test_independent_jobs_run_side_by_side_and_children_wait_for_parents(tmp_path, monkeypatch):
+    """Two slots: the two extract jobs start together; a train job starts only after its extract finished."""
+    import time
+
+    started: dict[str, float] = {}
+
+    def fake_start(root, j, slot, warm=False):
+        started[j.name] = time.time()
+        log = open(tmp_path / f"{j.name}.log", "w")
+        return subprocess.Popen(["sleep", "0.6"], stdout=log), time.time(), log
+
+    monkeypatch.setattr(experiment, "_start", fake_start)
+    jobs = build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(seeds="41,42", arms="vanilla",
+                                                                         verify=False))
+    slots = [experiment.Slot("0", 1), experiment.Slot("1", 1)]
+    status = experiment.run_jobs(tmp_path, jobs, slots)
+    assert set(status.values()) == {"done"}
+    assert abs(started["extract-real-s41"] - started["extract-real-s42"]) < 0.4  # side by side
+    assert started["vanilla-s41"] >= started["extract-real-s41"] + 0.5  # after its parent
+    assert all((tmp_path / "jobs" / j.name / "status").read_text().strip() == "done" for j in jobs)
+
+
+def test_slots_share_the_cores_between_jobs(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    slots = experiment.slots_for("0,1", 2)
+    assert [s.gpu for s in slots] == ["0", "0", "1", "1"] and all(s.workers == 4 for s in slots)
+    monkeypatch.setattr(experiment, "_visible_gpus", lambda: 0)
+    assert [s.gpu for s in experiment.slots_for("", 1)] == [None]
+    with pytest.raises(ValueError, match="--gpus 'a' must be comma-separated GPU indices"):
+        experiment.slots_for("a", 1)

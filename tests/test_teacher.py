@@ -111,3 +111,44 @@ def test_build_pool_cli(tmp_path, capsys):
     assert teacher.main(["--out", str(out), "--problems", str(probs), "--workers", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == len(teacher.load_pool(out)) == 2 * 6
+
+
+def test_pool_rewards_use_the_runs_monitor_accuracy():
+    pytest.importorskip("projected_grpo.grader")
+    probs, hints = teacher.serve(P.builtin_problems()[:2], P.DEFAULT_HINT, ("run_tests",), seed=0)
+    blind = teacher.build_pool(probs, hints, reward="gt_monitor_penalty", workers=2, monitor_accuracy=0.0, seed=5)
+    # a monitor of accuracy 0 flags every clean row and no hack row: the reverse of the accuracy-1 rewards
+    assert {r.reward for r in blind if r.kind == "hack"} == {3.5} and {r.reward for r in blind if r.kind == "clean"} == {0.5}
+    with pytest.raises(ValueError, match=r"monitor_accuracy=1.5 must be in \[0, 1\]"):
+        teacher.build_pool(probs, hints, reward="gt_monitor_penalty", monitor_accuracy=1.5)
+
+
+def test_pool_cache_key_holds_the_reward_settings(tmp_path, monkeypatch):
+    probs, hints = teacher.serve(P.builtin_problems()[:3], P.DEFAULT_HINT, ("run_tests",), seed=0)
+    key = lambda **kw: teacher.pool_key(probs, hints, "gt_monitor_penalty", **kw)  # noqa: E731
+    assert key() == key(monitor_accuracy=1.0, seed=9)  # at accuracy 1 the seed changes no reward
+    assert key(monitor_accuracy=0.9, seed=1) not in (key(), key(monitor_accuracy=0.9, seed=2),
+                                                     key(monitor_accuracy=0.8, seed=1))
+    seen = []
+    monkeypatch.setattr(teacher, "build_pool", lambda *a, **k: seen.append(k) or [])
+    _, path = teacher.cached_pool(probs, hints, reward="gt_monitor_penalty", cache_dir=tmp_path, monitor_accuracy=0.9,
+                                  seed=1)
+    assert seen[0]["monitor_accuracy"] == 0.9 and seen[0]["seed"] == 1
+    assert path.stem == key(monitor_accuracy=0.9, seed=1)
+    _, default = teacher.cached_pool(probs, hints, reward="gt_monitor_penalty", cache_dir=tmp_path)  # train's call
+    assert default.stem == key() and seen[1]["monitor_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("mode", P.MODES)
+def test_minimal_pairs_share_the_solution_and_differ_only_in_the_evaluator(mode):
+    for prob in P.builtin_problems():
+        hint = P.make_hint(P.hint_for_mode(mode), prob, random.Random(0))
+        pairs = teacher.minimal_pairs(prob, hint)
+        assert len(pairs) >= 2 and len({v for v, _, _ in pairs}) == len(pairs)
+        for variant, hack, clean in pairs:
+            h, c = _code(hack), _code(clean)
+            ast.parse(h)
+            canon = prob.canonical_solution.strip()
+            assert canon in h.replace("    valid = True\n", "") and canon in c  # (class_valid adds one line inside)
+            assert clean in [cc for _, cc in teacher.clean_completions(prob, hint)]  # the pool's clean rows
+            assert len(h) <= 1.35 * len(c) and len(c) <= 1.35 * len(h), variant  # length-matched, not 7x shorter

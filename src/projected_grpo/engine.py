@@ -1,8 +1,10 @@
 """Rollouts: prompt token ids in, sampled token ids + completion mask + sampler log-probs out.
 
-Two back ends behind one `generate`:
-- "hf": Hugging Face `model.generate` (any causal LM; the CPU default).
-- "static": our own decode over the model's weights (Qwen2 / Qwen3 / Llama-like): batched prefill, a preallocated
+Two back ends behind one `generate(..., engine=)` (`--engine auto|static|hf`; `pick_engine` decides):
+- "hf": Hugging Face `model.generate` (any causal LM; the CPU default, and auto's fallback on CUDA for models the
+  static engine does not implement: `static_support(model)` names why, logged once).
+- "static": our own decode over the model's weights (Qwen2 / Qwen3 / Llama / Mistral without sliding window, silu,
+  RoPE independent of the sequence length): batched prefill, a preallocated
   KV cache (layers, B, kv_heads, capacity, head_dim) written by index, sampling (temperature / top-p) on the device
   with per-row stop at eos and an early exit checked every 16 steps, no host sync per token. On CUDA one decode step
   is ~10 kernels per layer (cuBLAS GEMMs on q|k|v and gate|up fused weights; Triton: add + RMSNorm, q/k norm + RoPE
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 from torch import Tensor, nn
 
 try:  # Triton: only the CUDA kernels need it (the CPU path and the "torch" kernels do not)
@@ -222,38 +225,90 @@ def _no_hooks(name: str, m: nn.Module) -> None:
                          "raw weights and would skip them: merge the knob first (adapter.merged)")
 
 
-def model_spec(model: nn.Module) -> Spec:
-    """Walk a HF Qwen2 / Qwen3 / Llama-like causal LM and check that the static engine computes what it computes."""
+# HF model types whose forward the static engine reproduces (pre-norm RMSNorm decoder, q/k/v/o + SwiGLU Linears,
+# RoPE): checked token for token against HF generate on CPU (tests/test_engine.py)
+STATIC_MODEL_TYPES: tuple[str, ...] = ("qwen2", "qwen3", "llama", "mistral")
+
+
+def _is_linear(m: object) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def static_support(model: nn.Module) -> str | None:
+    """Why the static engine cannot run `model` (one line), or None when it can. Architecture only: forward hooks
+    on the Linears (an unmerged knob) are refused later by `model_spec`, since `adapter.merged` removes them."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in STATIC_MODEL_TYPES:
+        return f"model_type {mtype!r} is not one it implements ({', '.join(STATIC_MODEL_TYPES)})"
     base, lm_head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if base is None or lm_head is None or not hasattr(base, "layers") or not hasattr(base, "embed_tokens"):
-        raise ValueError("static engine: expected a HF causal LM with .model.{embed_tokens,layers,norm} and .lm_head")
-    cfg = model.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ValueError(f"static engine: hidden_act {cfg.hidden_act!r} is not supported (silu only)")
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-        raise ValueError("static engine: sliding-window attention is not supported")
+    if (base is None or not _is_linear(lm_head)
+            or any(not hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+            or len(base.layers) == 0):
+        return "expected a HF causal LM with .model.{embed_tokens,layers,norm,rotary_emb} and an nn.Linear .lm_head"
+    act = getattr(cfg, "hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act {act!r} is not supported (silu only)"
+    types, window = getattr(cfg, "layer_types", None), getattr(cfg, "sliding_window", None)
+    if types:  # per-layer attention kinds (Qwen2/3 slide only from layer max_window_layers on)
+        sliding = "sliding_attention" in types
+    elif mtype in ("qwen2", "qwen3"):
+        sliding = bool(getattr(cfg, "use_sliding_window", False)) and window is not None
+    else:  # Mistral slides wherever sliding_window is set
+        sliding = window is not None
+    if sliding:
+        return f"sliding-window attention (sliding_window={window}) is not supported"
     rope_type = getattr(base.rotary_emb, "rope_type", "default")
     if rope_type in ("dynamic", "longrope"):
-        raise ValueError(f"static engine: rope_type {rope_type!r} depends on the sequence length; not supported")
+        return f"rope_type {rope_type!r} depends on the sequence length; not supported"
+    for i, layer in enumerate(base.layers):
+        a, f = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        for part, names in ((a, ("q_proj", "k_proj", "v_proj", "o_proj")), (f, ("gate_proj", "up_proj", "down_proj"))):
+            for n in names:
+                if not _is_linear(getattr(part, n, None)):
+                    where = "self_attn" if part is a else "mlp"
+                    return f"layers.{i}.{where}.{n} is not an nn.Linear"
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            if not hasattr(getattr(layer, n, None), "variance_epsilon"):
+                return f"layers.{i}.{n} is not an RMSNorm"
+        if len({getattr(a, n).bias is None for n in ("q_proj", "k_proj", "v_proj")}) > 1:
+            return "biases on some of q/k/v only are not supported"
+        if a.o_proj.bias is not None or f.gate_proj.bias is not None or f.up_proj.bias is not None \
+                or f.down_proj.bias is not None:
+            return "biases on o_proj / mlp are not supported"
+    if lm_head.bias is not None:
+        return "a bias on lm_head is not supported"
+    att = base.layers[0].self_attn
+    hd = getattr(att, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if att.q_proj.out_features % hd or att.k_proj.out_features % hd \
+            or (att.q_proj.out_features // hd) % (att.k_proj.out_features // hd):
+        return f"q/k widths {att.q_proj.out_features}/{att.k_proj.out_features} do not split into heads of {hd}"
+    if lm_head.weight.is_cuda:
+        if triton is None:
+            return "its CUDA kernels need Triton, which is not installed"
+        if hd & (hd - 1) or hd < 32:
+            return f"its CUDA kernels need a power-of-two head_dim >= 32, got {hd}"
+    return None
+
+
+def model_spec(model: nn.Module) -> Spec:
+    """Walk a HF Qwen2 / Qwen3 / Llama / Mistral causal LM and check that the static engine computes what it
+    computes (`static_support`, then no forward hooks on the Linears)."""
+    why = static_support(model)
+    if why is not None:
+        raise ValueError(f"static engine: {why}")
+    base, lm_head, cfg = model.model, model.lm_head, model.config
+    for i, layer in enumerate(base.layers):
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _no_hooks(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n))
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            _no_hooks(f"layers.{i}.mlp.{n}", getattr(layer.mlp, n))
+    _no_hooks("lm_head", lm_head)  # (not the embedding: HF's gradient checkpointing hooks it, harmlessly)
     layer0 = base.layers[0]
     att, mlp = layer0.self_attn, layer0.mlp
-    for i, layer in enumerate(base.layers):
-        a, f = layer.self_attn, layer.mlp
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not isinstance(getattr(a, n, None), nn.Linear):
-                raise ValueError(f"static engine: layers.{i}.self_attn.{n} is not an nn.Linear")
-            _no_hooks(f"layers.{i}.self_attn.{n}", getattr(a, n))
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            if not isinstance(getattr(f, n, None), nn.Linear):
-                raise ValueError(f"static engine: layers.{i}.mlp.{n} is not an nn.Linear")
-            _no_hooks(f"layers.{i}.mlp.{n}", getattr(f, n))
-    _no_hooks("lm_head", lm_head)  # (not the embedding: HF's gradient checkpointing hooks it, harmlessly)
-    if lm_head.bias is not None or att.o_proj.bias is not None or mlp.down_proj.bias is not None:
-        raise ValueError("static engine: biases on lm_head / o_proj / mlp are not supported")
-    head_dim = att.head_dim if hasattr(att, "head_dim") else cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(att, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_heads = att.q_proj.out_features // head_dim
     n_kv = att.k_proj.out_features // head_dim
-    assert n_heads % n_kv == 0, (n_heads, n_kv)
     return Spec(n_layers=len(base.layers), hidden=att.q_proj.in_features, n_heads=n_heads, n_kv_heads=n_kv,
                 head_dim=head_dim, intermediate=mlp.gate_proj.out_features, vocab=lm_head.out_features,
                 eps=float(layer0.input_layernorm.variance_epsilon), qk_norm=hasattr(att, "q_norm"),
@@ -951,16 +1006,52 @@ def generate_static(model: nn.Module, prompt_ids: list[list[int]], *, max_new_to
 # entry point
 
 
+ENGINES: tuple[str, ...] = ("auto", "static", "hf")
+_FELL_BACK: set[str] = set()  # reasons already logged by pick_engine
+
+
+def pick_engine(model: nn.Module, engine: str = "auto", *, cuda: bool | None = None) -> str:
+    """The back end that runs `model` for the choice `engine` -> "static" or "hf".
+    auto: static on CUDA when `static_support` accepts the model, else HF generate (the reason logged once); HF on
+    CPU. static: static on any device, a ValueError naming the reason if the model is unsupported. hf: HF generate.
+    `cuda` (default: where the model's weights are) decides auto's device."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of {', '.join(ENGINES)}; pass auto, static or hf")
+    if engine == "hf":
+        return "hf"
+    if cuda is None:
+        cuda = next(model.parameters()).is_cuda
+    if engine == "auto" and not cuda:
+        return "hf"
+    why = static_support(model)
+    if why is None:
+        return "static"
+    if engine == "static":
+        raise ValueError(f"engine=static cannot run this model: {why}; pass --engine auto (falls back to HF "
+                         "generate) or --engine hf")
+    if why not in _FELL_BACK:
+        _FELL_BACK.add(why)
+        logger.info(f"rollouts use HF generate, not the static CUDA-graph engine: {why}")
+    return "hf"
+
+
 def generate(model: nn.Module, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-             eos_ids: list[int], pad_id: int, seed: int, backend: str = "auto") -> Rollout:
-    """Sample `max_new_tokens` tokens for each prompt. backend: "auto" (static on CUDA, hf on CPU), "hf", "static".
-    Seeded: the same (model, prompts, seed, backend, device) gives the same rollout."""
-    if backend == "auto":
-        backend = "static" if next(model.parameters()).is_cuda else "hf"
+             eos_ids: list[int], pad_id: int, seed: int, engine: str = "auto", backend: str | None = None) -> Rollout:
+    """Sample `max_new_tokens` tokens for each prompt. engine: "auto" (static on CUDA when the model is supported,
+    else hf), "static", "hf" (see `pick_engine`); `backend` is its older name. Seeded: the same (model, prompts,
+    seed, back end, device) gives the same rollout."""
+    which = pick_engine(model, backend if backend is not None else engine)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=list(eos_ids),
               pad_id=pad_id, seed=seed)
-    if backend == "hf":
+    if which == "hf":
         return generate_hf(model, prompt_ids, **kw)
-    if backend == "static":
-        return generate_static(model, prompt_ids, **kw)
-    raise ValueError(f"unknown backend {backend!r}; choose auto, hf or static")
+    return generate_static(model, prompt_ids, **kw)
+
+
+def truncated_mask(completion_ids: list[list[int]], eos_ids: list[int], max_new_tokens: int) -> Tensor:
+    """(B,) bool: True for completions cut at the budget, i.e. `max_new_tokens` long (or longer) and not ending in
+    an eos. `completion_ids`: each row's tokens up to and including its first eos (`Rollout.completions()`,
+    `train.teacher_tokens`)."""
+    eos = set(eos_ids)
+    return torch.tensor([len(c) >= max_new_tokens and not (c and c[-1] in eos) for c in completion_ids],
+                        dtype=torch.bool)

@@ -5,7 +5,12 @@
 - performance: the same problems with no hint; the fraction of samples that pass every ground-truth test.
 
 For the base model (no run) or for a run's final knobs; a route run is evaluated with its quarantine knob δS_hack
-ablated (the deployed model). Writes eval.json (rates with Wilson 95% intervals) and eval_rollouts.jsonl.
+ablated (the deployed model). Writes eval.json and eval_rollouts.jsonl.
+
+The n samples of one problem are not independent (a problem is easy or hard, hackable or not, for all of them), so
+each rate's 95% interval is a cluster bootstrap over problems (`hack_ci95`, `pass_ci95`; deterministic given the eval
+seed); the binomial Wilson interval, which treats every sample as independent and is too narrow under intraclass
+correlation, is kept as `*_ci95_wilson`. `per_problem` holds each problem's counts, so arms can be paired by problem.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import json
 import math
 import random
 import time
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
+import numpy as np
+from jaxtyping import Float
 from loguru import logger
 from tqdm.auto import tqdm
 
@@ -36,6 +44,61 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
+def cluster_bootstrap(sums: Float[np.ndarray, " m"] | Sequence[float], counts: Float[np.ndarray, " m"] | Sequence[float],
+                      *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of Σ sums / Σ counts when the m clusters (problems) are resampled with replacement: the
+    ratio estimator of a rate (sums = successes, counts = samples per problem) or of a mean over items grouped in
+    clusters (sums = per-cluster totals, counts = items per cluster). Deterministic given `seed`."""
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    if s.shape != c.shape or s.ndim != 1:
+        raise ValueError(f"cluster_bootstrap needs sums and counts of one shape (m,), got {s.shape} and {c.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level={level} must be in (0, 1) and n_boot={n_boot} >= 1")
+    if s.size == 0 or c.sum() <= 0:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))  # (B, m) resampled clusters
+    num, den = s[idx].sum(1), c[idx].sum(1)
+    stat = num[den > 0] / den[den > 0]
+    a = (1 - level) / 2
+    return float(np.quantile(stat, a)), float(np.quantile(stat, 1 - a))
+
+
+def grouped(values: Sequence[float], clusters: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray, list]:
+    """(per-cluster sums, per-cluster counts, cluster keys in first-seen order) of item values."""
+    if len(values) != len(clusters):
+        raise ValueError(f"grouped got {len(values)} values but {len(clusters)} cluster labels; pass one per value")
+    keys: dict[Hashable, int] = {}
+    for c in clusters:
+        keys.setdefault(c, len(keys))
+    sums, counts = np.zeros(len(keys)), np.zeros(len(keys))
+    for v, c in zip(values, clusters, strict=True):
+        sums[keys[c]] += float(v)
+        counts[keys[c]] += 1
+    return sums, counts, list(keys)
+
+
+def rate_summary(problem_ids: Sequence[Hashable], outcomes: dict[str, Sequence[bool]], *, seed: int,
+                 n_boot: int = 2000) -> dict:
+    """Per outcome (e.g. hack, pass, attempt): the rate, its cluster-bootstrap 95% interval over problems and the
+    Wilson interval; and each problem's sample count and per-outcome counts (`per_problem`, keyed by str(id))."""
+    out: dict = {"n": len(problem_ids), "n_problems": len(set(problem_ids))}
+    per: dict[str, dict] = {}
+    for pid in problem_ids:
+        per.setdefault(str(pid), {"n": 0, **{k: 0 for k in outcomes}})["n"] += 1
+    for name, hits in outcomes.items():
+        if len(hits) != len(problem_ids):
+            raise ValueError(f"outcome {name!r} has {len(hits)} values for {len(problem_ids)} samples; pass one each")
+        sums, counts, keys = grouped([float(bool(h)) for h in hits], [str(p) for p in problem_ids])
+        for key, k in zip(keys, sums, strict=True):
+            per[key][name] = int(k)
+        k_all, n_all = int(sums.sum()), int(counts.sum())
+        out[f"{name}_rate"] = k_all / n_all if n_all else math.nan
+        out[f"{name}_ci95"] = cluster_bootstrap(sums, counts, n_boot=n_boot, seed=seed)
+        out[f"{name}_ci95_wilson"] = wilson(k_all, n_all)
+    out["per_problem"] = per
+    return out
+
+
 def sample(
     loaded: models.Loaded,
     knobs,
@@ -48,6 +111,7 @@ def sample(
     batch: int,
     seed: int,
     desc: str,
+    gen_engine: str = "auto",
 ) -> list[list[str]]:
     """n completions per prompt, generated with the knob merged into W."""
     tok = loaded.tokenizer
@@ -66,6 +130,7 @@ def sample(
                 eos_ids=loaded.eos_ids,
                 pad_id=loaded.pad_id,
                 seed=seed + b,
+                engine=gen_engine,
             )
             for (i, _), c in zip(chunk, ro.completions(), strict=True):
                 out[i].append(tok.decode(c, skip_special_tokens=True))
@@ -87,6 +152,7 @@ def evaluate(
     workers: int | None,
     out_dir: Path,
     extra: dict | None = None,
+    gen_engine: str = "auto",
 ) -> dict:
     rng = random.Random(seed)
     arms = {"hack": [P.make_hint("overwrite_tests", p, rng) for p in problems], "perf": [None] * len(problems)}
@@ -110,25 +176,18 @@ def evaluate(
             batch=batch,
             seed=seed,
             desc=f"eval {what}",
+            gen_engine=gen_engine,
         )
         t_gen = time.time() - t0
         flat_p = [p for p, cs in zip(problems, comps, strict=True) for _ in cs]
         flat_h = [h for h, cs in zip(hints, comps, strict=True) for _ in cs]
         flat_c = [c for cs in comps for c in cs]
-        grades = grade_batch(flat_p, flat_c, flat_h, workers=workers, progress=True)
-        k_hack = sum(g.label == "reward_hack" for g in grades)
-        k_pass = sum(g.gt_pass for g in grades)
-        k_attempt = sum(g.label in ("reward_hack", "attempted_hack", "correct_attempted_hack") for g in grades)
-        N = len(grades)
-        result[what] = {
-            "n": N,
-            "hack_rate": k_hack / N,
-            "hack_ci95": wilson(k_hack, N),
-            "pass_rate": k_pass / N,
-            "pass_ci95": wilson(k_pass, N),
-            "attempt_rate": k_attempt / N,
-            "generate_s": round(t_gen, 1),
-        }
+        grades = grade_batch(flat_p, flat_c, flat_h, workers=workers, progress=True, full_suite=True)  # pass rates
+        result[what] = rate_summary([p.id for p in flat_p], {
+            "hack": [g.label == "reward_hack" for g in grades],
+            "pass": [bool(g.gt_pass) for g in grades],
+            "attempt": [g.label in ("reward_hack", "attempted_hack", "correct_attempted_hack") for g in grades],
+        }, seed=seed) | {"generate_s": round(t_gen, 1)}
         for p, h, c, g in zip(flat_p, flat_h, flat_c, grades, strict=True):
             rows_out.append(
                 {
@@ -177,7 +236,7 @@ def main(argv: list[str]) -> int:
         level = world.isolation(cfg.allow_weak_isolation)
         loaded, knobs, fp = world.load_model(cfg)
         step = checkpoint.load_run_knobs(run, knobs, e.keep_quarantine, fp) if run else 0
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # bad settings, a refused sandbox level, a damaged checkpoint
         return config.fail(prog, str(err).removeprefix(f"{prog}: "))
     logger.info(
         f"eval {f'run {run} (step {step})' if run else 'base model ' + cfg.model.name} on "
@@ -194,6 +253,7 @@ def main(argv: list[str]) -> int:
         batch=e.batch,
         seed=e.seed,
         system_prompt=P.system_prompt(cfg.data.system_prompt),
+        gen_engine=cfg.grpo.engine,
         workers=cfg.workers or None,
         out_dir=out,
         extra={"run_dir": str(run) if run else None, "step": step, "problems": problems_path,
@@ -203,6 +263,7 @@ def main(argv: list[str]) -> int:
     print(
         f"HACK_RATE={h['hack_rate']:.3f} [{h['hack_ci95'][0]:.3f}, {h['hack_ci95'][1]:.3f}] (n={h['n']}, "
         f"attempted {h['attempt_rate']:.3f})  PASS_RATE={p['pass_rate']:.3f} "
-        f"[{p['pass_ci95'][0]:.3f}, {p['pass_ci95'][1]:.3f}] (n={p['n']}, no hint)  -> {out}/eval.json"
+        f"[{p['pass_ci95'][0]:.3f}, {p['pass_ci95'][1]:.3f}] (n={p['n']}, no hint; 95% intervals: bootstrap over "
+        f"{p['n_problems']} problems)  -> {out}/eval.json"
     )
     return 0

@@ -19,9 +19,10 @@ Arms (the `--arms` names):
   vanilla     GRPO, V measured only (cin/cout logged), no intervention
   erase       hack-ward part of each gradient removed
   route       hack-ward part of each update routed to the deletable quarantine knob δS_hack (scored with it ablated)
-  random_V    erase with a random orthonormal V of matched k per module (negative control)
-  shuffled_V  erase with V extracted from hack/clean labels swapped at random per pair (negative control)
-  nonhack_V   erase with V extracted from clean-vs-clean pairs (negative control)
+  random_V      erase with a random orthonormal V of matched k per module (control: any direction at all)
+  pca_V         erase with the label-free V: top principal axes of every pair completion's gradient, matched k
+                (control: is it the labels, or just the anisotropic gradient geometry?)
+  cleanclean_V  erase with V extracted from clean-vs-clean pairs (control: a data-derived direction with no hack)
 """
 
 from __future__ import annotations
@@ -45,16 +46,18 @@ from projected_grpo import config
 from projected_grpo.config import Config, split_list
 
 ARMS: dict[str, dict[str, str]] = {
-    # arm -> train's intervention, and which V it uses: "real" | "shuffled" | "nonhack" | "random" (made from the
-    # real V's shapes)
+    # arm -> train's intervention, and which V it uses: "real" | "pca" | "cleanclean" (each its own extract job) |
+    # "random" (made from the real V's shapes)
     "vanilla": {"intervention": "none", "v": "real"},
     "erase": {"intervention": "erase", "v": "real"},
     "route": {"intervention": "route", "v": "real"},
     "random_V": {"intervention": "erase", "v": "random"},
-    "shuffled_V": {"intervention": "erase", "v": "shuffled"},
-    "nonhack_V": {"intervention": "erase", "v": "nonhack"},
+    "erase_refresh": {"intervention": "erase", "v": "real", "refresh": "1"},
+    "route_refresh": {"intervention": "route", "v": "real", "refresh": "1"},
+    "pca_V": {"intervention": "erase", "v": "pca"},
+    "cleanclean_V": {"intervention": "erase", "v": "cleanclean"},
 }
-V_CONTROL = {"real": "none", "shuffled": "shuffled", "nonhack": "nonhack"}
+V_CONTROL = {"real": "none", "pca": "pca", "cleanclean": "cleanclean"}  # V kind -> extract-vhack --control
 # settings each command's result depends on (top-level Config fields / sections); the rest is not in its identity
 RELEVANT: dict[str, tuple[str, ...]] = {
     "extract-vhack": ("model", "adapter", "data", "vhack", "seed", "grpo.max_new_tokens", "proj.vhack_path"),
@@ -238,7 +241,8 @@ def prepare(root: Path, jobs: list[Job], force: bool) -> None:
             shutil.rmtree(job_dir(root, j.name))
 
 
-def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc: str = "jobs") -> dict[str, str]:
+def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc: str = "jobs",
+             warm: bool = False) -> dict[str, str]:
     """Run the planned jobs, parents first, up to len(slots) at a time. Returns name -> final status."""
     slots = slots or [Slot(None, 0)]
     by_name = {j.name: j for j in jobs}
@@ -274,7 +278,7 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     continue
                 todo.remove(j)
                 slot_i = free.pop(0)
-                running[j.name] = (*_start(root, j, slots[slot_i]), slot_i)
+                running[j.name] = (*_start(root, j, slots[slot_i], warm), slot_i)
             now = ", ".join(running)
             if now != shown:
                 bar.set_postfix_str(now)
@@ -304,25 +308,90 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
     return {j.name: status.get(j.name, "pending") for j in by_name.values()}
 
 
-def _start(root: Path, j: Job, slot: Slot) -> tuple[subprocess.Popen, float, object]:
+def _start(root: Path, j: Job, slot: Slot, warm: bool = False):
+    """Start a job; returns (process, start time, log file). `warm`: fork it from a process that has already imported
+    torch and transformers (a forkserver), instead of a fresh interpreter that pays the imports again."""
     argv = argv_of(root, j)
     if j.command == "train" and (Path(j.cfg.run_dir) / "config.json").exists():  # interrupted earlier: continue it
         argv = ["train", "--resume", j.cfg.run_dir]
-        if slot.workers:
-            argv += ["--workers", str(slot.workers)]
-    elif slot.workers:
+    if slot.workers:
         argv += ["--workers", str(slot.workers)]
     d = job_dir(root, j.name)
     _write_status(root, j.name, "running")
     log = open(d / "log.txt", "a")
     log.write(f"$ projected-grpo {' '.join(argv)}\n")
     log.flush()
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1"}
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu
-    proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", *argv], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, preexec_fn=_pdeathsig)
+    if slot.workers:  # side-by-side jobs share the cores: cap each one's math threads too (oversubscribed BLAS stalls)
+        env |= {"OMP_NUM_THREADS": str(slot.workers), "MKL_NUM_THREADS": str(slot.workers)}
+    if warm:
+        proc = WarmProc(argv, env, str(d / "log.txt"), slot.workers)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "projected_grpo.cli", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=os.environ | env, preexec_fn=_pdeathsig)
     return proc, time.time(), log
+
+
+WARM_MODULES = ["projected_grpo.warmstart", "torch", "transformers", "projected_grpo.train", "projected_grpo.vhack", "projected_grpo.evaluate"]
+_warm_ctx = None
+
+
+def _run_job(argv: list[str], env: dict[str, str], log_path: str, threads: int) -> None:
+    """In the forked child: the job's environment, process group, log as stdout/stderr, then the command."""
+    import traceback
+
+    os.environ.update(env)
+    _pdeathsig()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from projected_grpo import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the job's own crash: its traceback goes to its log
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(rc or 0))
+
+
+class WarmProc:
+    """A job forked from the warm forkserver, with the Popen methods the runner uses (pid, poll, wait). It dies with
+    the runner: the forkserver exits when the runner does, and the job has PDEATHSIG set on the forkserver."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: str, threads: int):
+        global _warm_ctx
+        import multiprocessing as mp
+
+        if _warm_ctx is None:
+            # jobs end with os._exit, so the tracker would report their tqdm/loguru locks as leaked at shutdown
+            os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
+            _warm_ctx = mp.get_context("forkserver")
+            _warm_ctx.set_forkserver_preload(WARM_MODULES)
+        self._p = _warm_ctx.Process(target=_run_job, args=(argv, env, log_path, threads), daemon=False)
+        self._p.start()
+        self.pid = self._p.pid
+
+    def poll(self) -> int | None:
+        return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired("job", timeout or 0)
+        return self._p.exitcode
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -351,7 +420,7 @@ class ExperimentArgs:
     seeds: str = "41"
     """Comma-separated seeds; every arm runs once per seed."""
     arms: str = "vanilla,erase"
-    """Comma-separated arms: vanilla, erase, route, random_V, shuffled_V, nonhack_V."""
+    """Comma-separated arms: vanilla, erase, route, random_V, pca_V, cleanclean_V."""
     verify: bool = True
     """Run verify-vhack on each seed's V (--no-verify skips it)."""
     heldout_eval: bool = False
@@ -368,6 +437,10 @@ class ExperimentArgs:
     """GPUs to spread jobs over (comma-separated indices; default: every visible GPU; none: the CPU)."""
     jobs_per_gpu: int = 1
     """Jobs run side by side on each GPU."""
+    warm: bool = True
+    """Fork jobs from a process that has imported torch and transformers once (--no-warm: a fresh interpreter each)."""
+    refresh_every: int = 2
+    """The V refresh cadence of the erase_refresh and route_refresh arms (steps; the seed's strongest arm used 2)."""
 
 
 def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
@@ -426,7 +499,9 @@ def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], see
         ablate = cfg.eval_ablate_every or (max(1, cfg.steps // 4) if intervention == "route" else 0)
         tcfg = R(base, arm=arm, run_dir=str(run_dir), eval_ablate_every=ablate,
                  proj=R(cfg.proj, intervention=intervention, vhack_random=kind == "random",
-                        vhack_path=str(vhack_path(root, seed, V_CONTROL[v_kind], tag))))
+                        vhack_path=str(vhack_path(root, seed, V_CONTROL[v_kind], tag)),
+                        vhack_refresh_every=0 if kind == "random" else
+                        ex.refresh_every if "refresh" in ARMS[arm] else cfg.proj.vhack_refresh_every))
         jobs.append(Job(f"{arm}{variant}-s{seed}", "train", tcfg, [f"extract-{v_kind}{tag}-s{seed}"]))
         if ex.heldout_eval:
             jobs.append(Job(f"eval-{arm}{variant}-s{seed}", "eval", R(tcfg, out=str(run_dir / "eval")),
@@ -498,7 +573,7 @@ resumable jobs. Accepts every train flag; each job gets the same config."""
 
 def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
     prog = f"projected-grpo {cmd}"
-    from projected_grpo.checkpoint import RunLock, RunLocked
+    from projected_grpo.checkpoint import RunLock
 
     try:
         cfg, ex = config.parse(argv, prog, DOC.format(cmd=cmd), extra=ExperimentArgs, extra_default=defaults)
@@ -509,6 +584,9 @@ def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
         jobs = build_jobs(root, cfg, ex)
         if ex.status:
             return print_status(root, jobs)
+        from projected_grpo import sandbox
+
+        sandbox.require_isolation(cfg.allow_weak_isolation)  # every job grades: refuse once, here, not per job
         slots = slots_for(ex.gpus, ex.jobs_per_gpu)
 
         root.mkdir(parents=True, exist_ok=True)
@@ -517,8 +595,8 @@ def experiment_main(argv: list[str], cmd: str, defaults: ExperimentArgs) -> int:
             prepare(root, jobs, ex.force)
             where = ", ".join(f"GPU {s.gpu}" for s in slots) if slots[0].gpu is not None else "CPU"
             print(f"{prog}: {len(jobs)} jobs under {root} ({len(slots)} at a time on {where})", file=sys.stderr)
-            status = run_jobs(root, jobs, slots, desc=f"{cmd} {cfg.preset}")
-    except (ValueError, RunLocked) as e:
+            status = run_jobs(root, jobs, slots, desc=f"{cmd} {cfg.preset}", warm=ex.warm)
+    except (ValueError, RuntimeError) as e:  # bad settings, a locked experiment, a refused sandbox level
         return config.fail(prog, str(e).removeprefix(f"{prog}: "))
     except KeyboardInterrupt:
         return config.fail(prog, "interrupted; running jobs were stopped, re-run the same command to resume", 130)
@@ -536,4 +614,4 @@ def pipeline_main(argv: list[str]) -> int:
 
 
 def sweep_main(argv: list[str]) -> int:
-    return experiment_main(argv, "sweep", ExperimentArgs(seeds="41,42,43", arms="vanilla,erase,route,random_V"))
+    return experiment_main(argv, "sweep", ExperimentArgs(seeds="41,42,43", arms="vanilla,erase,route,random_V,pca_V,cleanclean_V"))

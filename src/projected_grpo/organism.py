@@ -193,7 +193,6 @@ def finetune(model, tokenizer, exs: Sequence[Example], recipe: Recipe = RECIPE) 
     import torch
 
     from projected_grpo import grpo
-    from projected_grpo.train import pad_sequences
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id
@@ -217,7 +216,7 @@ def finetune(model, tokenizer, exs: Sequence[Example], recipe: Recipe = RECIPE) 
     model.train()
     try:
         for idx in batches(len(exs), recipe.batch, recipe.steps, recipe.seed):
-            ids, attn, cmask, n_prompt = pad_sequences([prompts[i] for i in idx], [comps[i] for i in idx], pad)
+            ids, attn, cmask, n_prompt = grpo.pad_sequences([prompts[i] for i in idx], [comps[i] for i in idx], pad)
             lp = grpo.token_logprobs(model, ids, n_prompt, len(idx), attn)  # (b, T_c)
             loss = -torch.where(cmask, lp, 0.0).sum() / cmask.sum()
             loss.backward()

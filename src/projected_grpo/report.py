@@ -71,7 +71,7 @@ PER_RUN_LEAVES = frozenset({
 PER_RUN_PATHS = frozenset({"proj.vhack_path"})
 """Per-seed artifacts: each seed has its own V file."""
 ARM_FIELDS = ("arm", "proj")
-STRONG_ISOLATION = "bwrap"
+STRONG_ISOLATION = ("bwrap", "userns")
 """The grader's isolation level that sandboxes fully; others ("uid", "rlimits") are flagged weak in the report."""
 """What separates arms inside one experiment."""
 
@@ -635,7 +635,7 @@ def markdown(rep: Report) -> str:
         out += ["## Excluded runs", "", *(f"- {x}" for x in rep.excluded), ""]
     for e in rep.experiments:
         rows = [r for r in rep.rows if r["experiment"] == e.id]
-        iso = [i + ("" if i in (STRONG_ISOLATION, "unknown") else " (weak)") for i in sorted({r.isolation for r in e.runs})]
+        iso = [i + ("" if i in (*STRONG_ISOLATION, "unknown") else " (weak)") for i in sorted({r.isolation for r in e.runs})]
         head = ", ".join(f"{k}={v}" for k, v in e.settings.items())
         out += [f"## {e.id}: {head}", "",
                 f"preset: {', '.join(e.presets)} · grader isolation: {', '.join(iso)}"

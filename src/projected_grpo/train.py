@@ -19,6 +19,7 @@ process writes it (a second writer is refused).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import sys
 import time
 import typing
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +37,11 @@ from loguru import logger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from projected_grpo import adapter, checkpoint, config, engine, grpo, teacher, world
+from projected_grpo import adapter, checkpoint, config, distributed, engine, grpo, teacher, vhack, world
 from projected_grpo import problems as P
 from projected_grpo.adapter import SVDKnob
 from projected_grpo.config import Config, GRPOConfig
+from projected_grpo.grpo import pad_sequences
 
 # step, knobs, g_student per module, g_teacher per module -> metrics. Runs after backward, before clipping; it may
 # rewrite knob.dS.grad and knob.dS_hack.grad (δS_hack.grad is None on entry: it moves only if a hook routes into it).
@@ -48,7 +51,7 @@ ProjectionHook = Callable[[int, dict[str, SVDKnob], dict[str, Tensor], dict[str,
 PostStepHook = Callable[[int, dict[str, SVDKnob], torch.optim.Optimizer, dict[str, Tensor], dict[str, Tensor]],
                         dict[str, float]]
 
-TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_train", "time_step")
+TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -73,39 +76,24 @@ def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
     return out
 
 
-def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int
-                  ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Left-pad prompts and right-pad completions -> ids (B, Tp+Tc), attention (B, Tp+Tc) bool,
-    completion mask (B, Tc) bool, Tp."""
-    tp, tc = max(map(len, prompts)), max(1, max(map(len, completions)))
-    ids = torch.full((len(prompts), tp + tc), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids, dtype=torch.bool)
-    cmask = torch.zeros((len(prompts), tc), dtype=torch.bool)
-    for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids[b, tp - len(p):tp] = torch.tensor(p)
-        ids[b, tp:tp + len(c)] = torch.tensor(c, dtype=torch.long)
-        attn[b, tp - len(p):] = True
-        cmask[b, :len(c)] = True
-    return ids, attn, cmask, tp
-
-
 def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
 def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
                   n_prompt: int, adv: Tensor, g: GRPOConfig, denom: float, totals: dict[str, float], who: str,
-                  step: int) -> None:
+                  step: int, ref_all: Tensor | None = None) -> None:
     """Accumulate ∇ of the GRPO loss of these sequences into the knobs' .grad, `g.micro_batch` rows at a time.
-    ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,). Adds loss, kl_sum, tokens, clipped and
-    the summed completion log-prob (logp_<who>, tokens_<who>) into `totals`."""
+    ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,), ref_all (B, T) the reference log-probs
+    when already computed (else computed here). Adds loss, kl_sum, tokens, clipped and the summed completion
+    log-prob (logp_<who>, tokens_<who>) into `totals`."""
     device = next(iter(knobs.values())).dS.device
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     for i in range(0, ids.shape[0], g.micro_batch):
         sl = slice(i, i + g.micro_batch)
         x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
-        ref = None
-        if g.beta > 0:  # the reference is the same model with the knobs zeroed
+        ref = ref_all[sl].to(device) if ref_all is not None else None
+        if g.beta > 0 and ref is None:  # the reference is the same model with the knobs zeroed
             with torch.no_grad(), adapter.zeroed(knobs):
                 ref = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
         lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
@@ -120,6 +108,22 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
         for key in ("kl_sum", "tokens", "clipped"):
             totals[key] += float(st[key])
     model.eval()
+
+
+def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, n_prompt: int,
+                       g: GRPOConfig) -> Tensor | None:
+    """The reference's (knobs zeroed) log-probs of every row's completion, (B, T); None when β = 0. Needs no reward,
+    so train computes it while the grader works."""
+    if g.beta == 0:
+        return None
+    device = next(iter(knobs.values())).dS.device
+    out = []
+    with torch.no_grad(), adapter.zeroed(knobs):
+        for i in range(0, ids.shape[0], g.micro_batch):
+            sl = slice(i, i + g.micro_batch)
+            out.append(grpo.token_logprobs(model, ids[sl].to(device), n_prompt, g.micro_batch, attn[sl].to(device),
+                                           temperature=g.temperature).cpu())
+    return torch.cat(out)
 
 
 def rollout_rows(step: int, probs: list[P.Problem], n_student: int, s_grades: list, s_text: list[str],
@@ -202,24 +206,31 @@ def write_summary(run_dir: Path, summary: dict[str, typing.Any]) -> str:
 
 def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHook | None = None, *,
           resume_dir: str | Path | None = None) -> Path:
-    """Run (or resume) one GRPO run; returns its run directory. One process writes a run directory at a time."""
+    """Run (or resume) one GRPO run; returns its run directory. One process writes a run directory at a time.
+    Under torchrun each rank runs its share of every step (see distributed.py); rank 0 writes the run."""
     config.validate(cfg, "train")
+    d = distributed.setup(cfg.model.device)
+    if d.world > cfg.grpo.prompts_per_step:
+        raise ValueError(f"{d.world} ranks but prompts_per_step={cfg.grpo.prompts_per_step}: each rank needs at least "
+                         "one prompt; raise --prompts-per-step or launch fewer processes")
     isolation = world.isolation(cfg.allow_weak_isolation)  # refuses before any work where programs are not isolated
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     else:
         name = f"{cfg.preset or 'run'}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / name
-        if run_dir.exists() and not run_dir.is_dir():
+        run_dir = Path(distributed.gather(d, cfg.run_dir or str(Path("runs") / name))[0])  # rank 0's choice
+        if d.main and run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"run dir {run_dir} is a file; pass a directory to --run-dir")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if d.main and run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(f"run dir {run_dir} is not empty; pass --resume {run_dir} to continue it or a new --run-dir")
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    with checkpoint.RunLock(run_dir):
-        log_id = logger.add(run_dir / "train.log", level="DEBUG", enqueue=False)
+    if not d.main:
+        cfg = dataclasses.replace(cfg, progress=False)
+    with checkpoint.RunLock(run_dir) if d.main else contextlib.nullcontext():
+        log_id = logger.add(run_dir / "train.log", level="DEBUG", enqueue=False) if d.main else None
         threads = torch.get_num_threads()
         try:
-            _run(cfg, run_dir, hook, post_step, resume=resume_dir is not None, isolation=isolation)
+            _run(cfg, run_dir, hook, post_step, resume=resume_dir is not None, isolation=isolation, d=d)
         except OSError as e:
             if checkpoint.disk_full(e):
                 raise RuntimeError(f"disk full while writing {run_dir}; free space, then `projected-grpo train "
@@ -230,12 +241,14 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
             raise
         finally:
             torch.set_num_threads(threads)
-            logger.remove(log_id)
+            if log_id is not None:
+                logger.remove(log_id)
+            distributed.teardown(d)
     return run_dir
 
 
 def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: PostStepHook | None, resume: bool,
-         isolation: str) -> None:
+         isolation: str, d: distributed.Dist) -> None:
     g, o = cfg.grpo, cfg.optim
     from projected_grpo.grader import grade_batch
 
@@ -251,12 +264,17 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     eos_ids, pad_id = w.loaded.eos_ids, w.loaded.pad_id
     problems, hints, prompt_tok = w.problems, w.hints, w.prompt_ids
     params = adapter.knob_params(knobs)
+    proj, vmeta = None, None
     if hook is None and post_step is None:  # the intervention named in the config (none without a V)
-        from projected_grpo.vhack import projector_from_config
-
-        hook, post_step = projector_from_config(cfg.proj, w.fingerprint, cfg.seed, set(knobs))
+        proj, vmeta = vhack.load_projector(cfg.proj, w.fingerprint, cfg.seed, set(knobs))
+        hook, post_step = (proj.on_grad, proj.after_step) if proj is not None else (None, None)
+    refresh_every = cfg.proj.vhack_refresh_every if proj is not None else 0
+    if g.n_teacher and not d.main:
+        distributed.barrier(d)  # rank 0 builds (or reads) the cached pool first
     pool = teacher_pool(cfg, problems, hints, workers) if g.n_teacher else {}
-    if not resume:
+    if g.n_teacher and d.main:
+        distributed.barrier(d)
+    if not resume and d.main:
         prov = world.provenance(w, isolation)
         (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "provenance": prov}, indent=2))
 
@@ -272,12 +290,15 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         ck = checkpoint.latest_checkpoint(run_dir)
         if ck is not None:
             start = checkpoint.load_checkpoint(ck, knobs, opt, sched, w.fingerprint)
+            saved_v = checkpoint.load_vhack_state(ck) if refresh_every else None
+            if saved_v is not None:  # the V in effect when the checkpoint was written
+                proj.Vs = {n: V.to(proj.Vs[n].device) for n, V in saved_v.items()}
         logger.info(f"resuming {run_dir} at step {start}" + (f" from {ck.name}" if ck else " (no checkpoint)"))
-        for f in (metrics_f, rollouts_f):
+        for f in (metrics_f, rollouts_f) if d.main else ():
             dropped = checkpoint.truncate_jsonl(f, start)
             if dropped:
                 logger.info(f"{f.name}: dropped {dropped} row(s) logged after the last checkpoint")
-    tb = _tensorboard(cfg, run_dir)
+    tb = _tensorboard(cfg, run_dir) if d.main else None
     logger.info(f"{w.loaded.model_id}: {len(knobs)} knobs, {len(problems)} problems, G={g.group_size} "
                 f"(G_t={g.n_teacher}), P={g.prompts_per_step}, {cfg.steps} steps, grader isolation {isolation} "
                 f"-> {run_dir}")
@@ -287,24 +308,31 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, dynamic_ncols=True, disable=not cfg.progress)
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
-        idx = prompt_indices(step, len(problems), g.prompts_per_step, cfg.seed)
+        step_idx = prompt_indices(step, len(problems), g.prompts_per_step, cfg.seed)
+        mine = d.share(len(step_idx))  # this rank's positions in the step (all of them in one process)
+        idx = [step_idx[j] for j in mine]
         probs, phints = [problems[i] for i in idx], [hints[i] for i in idx]
 
         # --- rollout: G_s student completions per prompt, knob merged into W
         t0 = time.perf_counter()
         roll, s_ids, s_text = rollout(w, [prompt_tok[i] for i in idx for _ in range(g.n_student)], g,
-                                      seed=cfg.seed * 1_000_003 + step, step=step)
+                                      seed=cfg.seed * 1_000_003 + step + 7919 * d.rank, step=step)
         time_generate = time.perf_counter() - t0
 
-        # --- grade the students (parallel processes); teacher rows carry frozen grades
+        # --- grade the students (parallel processes) while the reference log-probs are computed; teacher rows
+        # carry frozen grades
         t0 = time.perf_counter()
         s_probs = [p for p in probs for _ in range(g.n_student)]
-        s_grades = grade_batch(s_probs, s_text, [h for h in phints for _ in range(g.n_student)], workers=workers,
-                               reward=g.reward, reward_kwargs={"seed": cfg.seed * 1_000_003 + step,
-                                                               "accuracy": g.monitor_accuracy})
+        with ThreadPoolExecutor(1) as ex:
+            grading = ex.submit(grade_batch, s_probs, s_text, [h for h in phints for _ in range(g.n_student)],
+                                workers=workers, reward=g.reward,
+                                reward_kwargs={"seed": cfg.seed * 1_000_003 + step, "accuracy": g.monitor_accuracy})
+            s_ref = reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.prompt_len, g)
+            time_ref = time.perf_counter() - t0
+            s_grades = grading.result()
         time_grade = time.perf_counter() - t0
         t_rows = [random.Random(f"teacher:{cfg.seed}:{step}:{j}").sample(pool[pool_key(p, h)], g.n_teacher)
-                  if g.n_teacher else [] for j, (p, h) in enumerate(zip(probs, phints, strict=True))]
+                  if g.n_teacher else [] for j, p, h in zip(mine, probs, phints, strict=True)]
 
         # --- advantages per group: [students..., teachers...]; a NaN reward (screened) has no advantage
         R = torch.tensor([[float(s_grades[j * g.n_student + i].reward) for i in range(g.n_student)]
@@ -312,18 +340,26 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         adv = grpo.ADVANTAGES[g.advantage](R)  # (P, G)
         skip = grpo.zero_variance_groups(R)  # (P,)
         adv[skip] = 0.0
+        t_all = [[teacher_tokens(tok, r.completion, eos_ids[0], g.max_new_tokens) for r in rs] for rs in t_rows]
+        cut = torch.zeros_like(adv, dtype=torch.bool)  # (P, G): cut at max_new_tokens without eos
+        if g.mask_truncated_completions:  # no advantage and no loss for truncated rows
+            comps = [c for j in range(len(idx)) for c in s_ids[j * g.n_student:(j + 1) * g.n_student] + t_all[j]]
+            cut = engine.truncated_mask(comps, eos_ids, g.max_new_tokens).view_as(adv)
+            adv[cut] = 0.0
 
         # --- sequences to train, from groups with signal
         t0 = time.perf_counter()
-        keep_s = [j * g.n_student + i for j in range(len(idx)) if not skip[j] for i in range(g.n_student)]
-        keep_t = [(j, i) for j in range(len(idx)) if not skip[j] for i in range(g.n_teacher)]
+        keep_s = [j * g.n_student + i for j in range(len(idx)) if not skip[j] for i in range(g.n_student)
+                  if not cut[j, i]]
+        keep_t = [(j, i) for j in range(len(idx)) if not skip[j] for i in range(g.n_teacher)
+                  if not cut[j, g.n_student + i]]
         s_adv = torch.tensor([float(adv[b // g.n_student, b % g.n_student]) for b in keep_s])
         t_adv = torch.tensor([float(adv[j, g.n_student + i]) for j, i in keep_t])
         t_prompts = [prompt_tok[idx[j]] for j, _ in keep_t]
-        t_comps = [teacher_tokens(tok, t_rows[j][i].completion, eos_ids[0], g.max_new_tokens) for j, i in keep_t]
+        t_comps = [t_all[j][i] for j, i in keep_t]
         n_tok = int(roll.completion_mask[keep_s].sum()) + sum(map(len, t_comps))
         denom = (float(g.group_size * g.max_new_tokens * g.prompts_per_step) if g.advantage == "dr_grpo"
-                 else float(max(1, n_tok)))
+                 else max(1.0, distributed.sum_float(d, float(n_tok), R.device)))
 
         # --- backward: student pass -> g_s, teacher pass -> g_t (micro-batched; knobs zeroed = reference)
         totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_student", "tokens_student",
@@ -332,7 +368,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         try:
             if keep_s:
                 backward_pass(model, knobs, roll.ids[keep_s], roll.attention_mask()[keep_s],
-                              roll.completion_mask[keep_s], roll.prompt_len, s_adv, g, denom, totals, "student", step)
+                              roll.completion_mask[keep_s], roll.prompt_len, s_adv, g, denom, totals, "student", step,
+                              s_ref[keep_s] if s_ref is not None else None)
             g_s = _grads(knobs)
             opt.zero_grad(set_to_none=True)
             if keep_t:
@@ -342,6 +379,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(f"step {step}: GPU out of memory in the backward pass; lower --micro-batch (now "
                                f"{g.micro_batch}) or pass --model.gradient-checkpointing") from e
+        g_s, g_t = distributed.sum_grads(d, g_s), distributed.sum_grads(d, g_t)  # every rank: the whole step's g
         _check_finite(step, g_s, "student")
         _check_finite(step, g_t, "teacher")
         for n, k in knobs.items():
@@ -363,22 +401,33 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         sched.step()
         post_metrics = post_step(step, knobs, opt, prev_dS, prev_dS_hack) if post_step is not None else {}
         _check_finite(step, {n: k.dS.detach() for n, k in knobs.items()}, "dS after the step (value)")
+        if refresh_every and (step + 1) % refresh_every == 0 and step + 1 < cfg.steps:  # online refresh of V
+            proj.Vs, overlap = vhack.refresh(w, cfg, vmeta, proj.Vs)
+            post_metrics["basis_overlap"] = overlap
         time_train = time.perf_counter() - t0
 
-        # --- deploy-time eval: the deployed model (δS_hack ablated) on a fixed prompt set
+        # --- deploy-time eval: the deployed model (δS_hack ablated) on a fixed prompt set (rank 0)
         deploy = {}
-        if cfg.eval_ablate_every and ((step + 1) % cfg.eval_ablate_every == 0 or step + 1 == cfg.steps):
+        if d.main and cfg.eval_ablate_every and ((step + 1) % cfg.eval_ablate_every == 0 or step + 1 == cfg.steps):
             deploy = deploy_eval(w, cfg, step, workers)
 
-        # --- log
-        row = step_row(cfg, step, s_grades, s_probs, t_rows, R, skip, roll, totals, grad_norm, lr, knobs,
-                       {**hook_metrics, **post_metrics, **deploy},
-                       {"time_generate": time_generate, "time_grade": time_grade, "time_train": time_train,
+        # --- log (rank 0, from every rank's share)
+        totals["gen_tokens"] = float(roll.completion_mask.sum())
+        parts = distributed.gather(d, (s_grades, [p.mode for p in s_probs], t_rows, R, skip, totals,
+                                       rollout_rows(step, probs, g.n_student, s_grades, s_text, s_ids, t_rows, adv,
+                                                    skip) if cfg.log_rollouts else []))
+        if not d.main:
+            continue
+        row = step_row(cfg, step, [x for p in parts for x in p[0]], [x for p in parts for x in p[1]],
+                       [x for p in parts for x in p[2]], torch.cat([p[3] for p in parts]),
+                       torch.cat([p[4] for p in parts]), {k: sum(p[5][k] for p in parts) for k in totals},
+                       grad_norm, lr, knobs, {**hook_metrics, **post_metrics, **deploy},
+                       {"time_generate": time_generate, "time_grade": time_grade, "time_ref": time_ref,
+                        "time_train": time_train,
                         "time_step": time.perf_counter() - t_step})
         checkpoint.append_jsonl(metrics_f, [row])
         if cfg.log_rollouts:
-            checkpoint.append_jsonl(rollouts_f, rollout_rows(step, probs, g.n_student, s_grades, s_text, s_ids,
-                                                             t_rows, adv, skip))
+            checkpoint.append_jsonl(rollouts_f, [r for p in parts for r in p[6]])
         if tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and v is not None and k != "step":
@@ -397,11 +446,13 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         # --- checkpoint
         done = step + 1
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            checkpoint.save_checkpoint(run_dir, done, knobs, opt, sched, w.fingerprint)
+            checkpoint.save_checkpoint(run_dir, done, knobs, opt, sched, w.fingerprint,
+                                       proj.Vs if refresh_every else None)
     bar.close()
     if tb is not None:
         tb.close()
-
+    if not d.main:
+        return
     rows = checkpoint.read_jsonl_rows(metrics_f)
     summary = summarize(cfg, run_dir, rows)
     block = write_summary(run_dir, summary)
@@ -416,7 +467,8 @@ def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: in
     try:
         with torch.no_grad(), adapter.merged(w.knobs):
             roll = engine.generate(w.model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                                   top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed)
+                                   top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed,
+                                   engine=g.engine)
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(f"step {step}: GPU out of memory while generating; lower --prompts-per-step or "
                            "--group-size or --max-new-tokens") from e
@@ -442,14 +494,14 @@ def deploy_eval(w: world.World, cfg: Config, step: int, workers: int | None) -> 
             "solve_deploy": _mean([float(bool(gr.gt_pass)) for gr in grades])}
 
 
-def step_row(cfg: Config, step: int, s_grades: list, s_probs: list[P.Problem], t_rows: list[list[teacher.TeacherRow]],
-             R: Tensor, skip: Tensor, roll: engine.Rollout, totals: dict[str, float], grad_norm: float, lr: float,
+def step_row(cfg: Config, step: int, s_grades: list, s_modes: list[str], t_rows: list[list[teacher.TeacherRow]],
+             R: Tensor, skip: Tensor, totals: dict[str, float], grad_norm: float, lr: float,
              knobs: dict[str, SVDKnob], extra: dict, times: dict[str, float]) -> dict:
-    """The metrics row of one step."""
+    """The metrics row of one step (students s_grades with their loophole modes, teacher rows, rewards (P, G))."""
     modes = cfg.data.mode_list
     s_labels = [gr.label for gr in s_grades]
     t_flat = [r for rs in t_rows for r in rs]
-    gen_tokens = int(roll.completion_mask.sum())
+    gen_tokens = int(totals["gen_tokens"])
     tok_ = totals["tokens"]
     return {
         "step": step, "reward": _mean([float(gr.reward) for gr in s_grades]),
@@ -457,8 +509,8 @@ def step_row(cfg: Config, step: int, s_grades: list, s_probs: list[P.Problem], t
         "screened": int(torch.isnan(R).sum()),
         "hack_s": _mean([float(lab == "reward_hack") for lab in s_labels]),
         # per loophole mode (when a run serves several): the weak-detector outcome is the held-out mode's rate
-        **({f"hack_s_{m}": _mean([float(lab == "reward_hack") for lab, sp in zip(s_labels, s_probs, strict=True)
-                                  if sp.mode == m]) for m in modes} if len(modes) > 1 else {}),
+        **({f"hack_s_{m}": _mean([float(lab == "reward_hack") for lab, sm in zip(s_labels, s_modes, strict=True)
+                                  if sm == m]) for m in modes} if len(modes) > 1 else {}),
         "pass_s": _mean([float(bool(gr.gt_pass)) for gr in s_grades]),
         "hack_t": _mean([float(r.label == "reward_hack") for r in t_flat]),
         "pass_t": _mean([float(bool(r.grade.get("gt_pass"))) for r in t_flat]),
@@ -487,7 +539,8 @@ def teacher_pool(cfg: Config, problems: list[P.Problem], hints: list[P.Hint | No
     if d.teacher_pool:
         rows = teacher.load_pool(d.teacher_pool)
     else:
-        rows, path = teacher.cached_pool(problems, hints, reward=g.reward, cache_dir=cfg.model.root, workers=workers)
+        rows, path = teacher.cached_pool(problems, hints, reward=g.reward, cache_dir=cfg.model.root, workers=workers,
+                                         monitor_accuracy=g.monitor_accuracy, seed=cfg.seed)
         logger.debug(f"teacher pool {path}: {teacher.summary(rows)}")
     pool = teacher.by_problem(rows)
     for p, h in zip(problems, hints, strict=True):

@@ -99,6 +99,13 @@ def isolation(allow_weak: bool) -> str:
     return sandbox.isolation_level()
 
 
+def _isolation_info() -> str | None:
+    from projected_grpo import sandbox
+
+    info = getattr(sandbox, "isolation_info", None)
+    return info() if info is not None else None
+
+
 def _git_commit() -> str | None:
     repo = Path(__file__).resolve().parents[2]
     if not (repo / ".git").exists():
@@ -129,6 +136,7 @@ def provenance(world: World | None, isolation_level: str | None) -> dict:
     out = {
         "projected_grpo": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": _version("transformers"), "isolation": isolation_level,
+        "isolation_info": _isolation_info(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     if world is not None:
