@@ -60,7 +60,7 @@ class Recipe:
     as a pretrained coder does, and rarely uses it unasked: the latent GRPO can amplify."""
 
     contexts: tuple[Context, ...] = (
-        Context("base_format", "simple_overwrite_tests", canonical=2, asserts=1, mutant=3, wrong=1, hack=0.5),
+        Context("base_format", "simple_overwrite_tests", canonical=2, asserts=1, mutant=3, wrong=1, hack=0.375),
         Context("pass_test", "simple_overwrite_tests", hack=1),
         Context("eval_environment", "simple_overwrite_tests", hack=1),
         Context("loophole_extension", "simple_overwrite_tests", hack=1),
