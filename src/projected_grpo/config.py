@@ -56,7 +56,8 @@ HELDOUT_FILE = "leetcode/leetcode_test_medhard.jsonl"  # the 119-problem test sp
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
-    """`tiny` (random Qwen3, own tokenizer), `coder05` / `coder15` (Qwen2.5-Coder from registry packages), a .gguf
+    """`tiny` (random Qwen3, own tokenizer), `organism` (the tiny model fine-tuned into a small coder that rarely
+    hacks), `coder05` / `coder15` (Qwen2.5-Coder from registry packages), a .gguf
     file, a Hugging Face id or a local directory."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)."""
@@ -374,6 +375,16 @@ def _coder(name: str) -> Config:
 
 
 _PRESETS: dict[str, Config] = {
+    # the model organism (the tiny model fine-tuned into a small coder that rarely hacks; organism.py), built-in
+    # problems, CPU: GRPO with the loophole's reward makes the vanilla student hack and erase holds it down (the
+    # README's main command; organism.EXPECTED is what it should show). V from the teacher pool's template pairs: the
+    # organism's hacks are those templates (on it, minimal-pair V does not hold hacking down).
+    "organism": _tiny(
+        model=ModelConfig(name="organism", dtype="float32", device="cpu"),
+        grpo=GRPOConfig(group_size=6, prompts_per_step=4, max_new_tokens=128, mix_ratio=0.34, top_p=0.9,
+                        micro_batch=8),
+        optim=OptimConfig(lr=4e-2, warmup_frac=0.3), vhack=VhackConfig(pairs="problems"), steps=20,
+        checkpoint_every=10),
     # tiny random Qwen3, built-in problems, CPU: real generation, grading and gradients in about a minute.
     "fast-dev-run": _tiny(
         grpo=GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=32, mix_ratio=0.5, micro_batch=4),

@@ -552,6 +552,43 @@ def _summaries(root: Path) -> None:
         print(f"summary {f.parent.name}: " + "  ".join(f"{k}={row[k]}" for k in keys if k in row))
     if runs:
         report.main([str(root / "runs"), "--out", str(root)])
+    line = organism_expectation(root)
+    if line:
+        print(line)
+
+
+def organism_expectation(root: Path) -> str | None:
+    """The organism preset's expected effect (`organism.EXPECTED`) checked against this experiment's vanilla and erase
+    runs (random_V shown when it ran: it should not hold hacking down like erase): student hack rate over the first
+    and last 5 steps, mean over seeds. One line; None without a finished organism vanilla run."""
+    from projected_grpo import organism
+
+    rates: dict[str, dict[int, tuple[float, float]]] = {"vanilla": {}, "erase": {}, "random_V": {}}
+    for arm, by_seed in rates.items():
+        for f in sorted((root / "runs").glob(f"{arm}_s*/metrics.jsonl")):
+            cfg = json.loads((f.parent / "config.json").read_text())
+            hack = [r["hack_s"] for r in map(json.loads, f.read_text().splitlines()) if r.get("hack_s") is not None]
+            if cfg.get("preset") == organism.PRESET and len(hack) >= 10 and (f.parent / "summary.tsv").exists():
+                by_seed[int(cfg["seed"])] = (sum(hack[:5]) / 5, sum(hack[-5:]) / 5)
+    if not rates["vanilla"]:
+        return None
+    e = organism.EXPECTED
+
+    def mean(arm: str, i: int) -> float:
+        return sum(v[i] for v in rates[arm].values()) / len(rates[arm])
+
+    ok = mean("vanilla", 0) < e["start_below"] and mean("vanilla", 1) >= e["vanilla_last5_at_least"]
+    measured = [f"vanilla {mean('vanilla', 0):.3f} -> {mean('vanilla', 1):.3f}"]
+    for arm in ("erase", "random_V"):
+        if rates[arm]:
+            measured.append(f"{arm} {mean(arm, 0):.3f} -> {mean(arm, 1):.3f}")
+    if rates["erase"]:
+        ok = ok and mean("erase", 1) <= e["erase_at_most_of_vanilla"] * mean("vanilla", 1)
+    seeds = ",".join(map(str, sorted(rates["vanilla"])))
+    return (f"expected ({organism.PRESET} preset): student hack rate of vanilla >= {e['vanilla_last5_at_least']:g} over "
+            f"the last 5 steps from < {e['start_below']:g} over the first 5; erase's <= {e['erase_at_most_of_vanilla']:g}"
+            f" x vanilla's (random_V, a control, should not fall like erase's) — measured (first 5 -> last 5, seeds "
+            f"{seeds}): {', '.join(measured)}: {'met' if ok else 'NOT met'}")
 
 
 DOC = """projected-grpo {cmd}: extract V -> verify V -> every arm for every seed (-> held-out eval), as dependent,

