@@ -77,12 +77,12 @@ def test_every_mutant_is_plausible_and_wrong():
 
 @pytest.fixture(scope="module")
 def pipeline(cache):
-    """The README's main command at its seed, without verify-vhack (on the organism V does not beat the label-free
-    PCA comparator, so verify FAILs; the arms do not depend on it)."""
+    """The README's main command at its seed. On the organism V does not beat the label-free PCA comparator, so
+    verify-vhack's verdict is FAIL: a result the report shows, not a failed job (the command exits 0)."""
     out_dir = cache.parent / "exp"
     env = os.environ | {"PROJECTED_GRPO_CACHE": str(cache)}
     out = subprocess.run([sys.executable, "-m", "projected_grpo.cli", "pipeline", "--preset", "organism", "--seeds",
-                          str(SEED), "--arms", "vanilla,erase", "--no-verify", "--no-progress", "--out", str(out_dir)],
+                          str(SEED), "--arms", "vanilla,erase", "--no-progress", "--out", str(out_dir)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out_dir, out.stdout
@@ -102,6 +102,16 @@ def test_vanilla_learns_to_hack_and_erase_holds_it_down(pipeline):
     assert van5 > sum(van[:5]) / 5 + MARGIN, van  # GRPO taught the vanilla student to hack
     assert van5 - era5 >= MARGIN, (van, era)  # erasing the hack-ward gradient held it down
     assert "expected (organism preset)" in stdout and "| erase |" in stdout
+
+
+@pytest.mark.slow
+def test_a_failed_verification_is_reported_and_the_job_goes_on(pipeline):
+    root, stdout = pipeline
+    verdict = json.loads((root / "vhack" / f"v_none_s{SEED}.verify.json").read_text())
+    assert (root / "jobs" / f"verify-s{SEED}" / "status").read_text().strip() == "done"
+    if verdict["verdict"] == "FAIL":
+        assert f"verify-s{SEED}" in stdout and "V FAILED verification" in stdout
+        assert "FAIL" in stdout.split("| erase |", 1)[1].splitlines()[0]  # the report's V column for erase
 
 
 @pytest.mark.slow

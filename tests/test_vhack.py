@@ -333,7 +333,7 @@ def test_verify_file_writes_the_comparators_and_keeps_verdict_and_line(tiny, cap
             "--no-progress", "--verify-draws", "16"]
     rc = vhack.verify_main(args)
     out = json.loads(vhack.verify_path(path).read_text())
-    assert rc == (0 if out["verdict"] == "PASS" else 1)
+    assert rc == (0 if out["verdict"] == "PASS" else config.VERIFY_FAIL_EXIT)
     assert out["verdict"] in ("PASS", "FAIL") and out["line"].startswith(out["verdict"])
     for key in ("energy", "energy_pca", "energy_cleanclean", "energy_null_mean", "energy_null_q95", "gap_pca_ci95",
                 "auroc_cleanclean", "margin", "n_problems", "checks"):

@@ -343,6 +343,10 @@ class Config:
     """The preset this config started from (set by --preset; recorded in config.json)."""
 
 
+VERIFY_FAIL_EXIT = 3
+"""verify-vhack's exit status for a FAIL verdict: it ran and V did not pass (a result the pipeline reports and goes on
+from; 1 and 2 are errors)."""
+
 # Fields that change how a run is shown or stored, never what it computes: resuming may change them, and reports and
 # job identities ignore them.
 DISPLAY_FIELDS: frozenset[str] = frozenset({

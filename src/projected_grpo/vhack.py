@@ -745,7 +745,7 @@ VERIFY_DOC = """projected-grpo verify-vhack: score the V at --vhack-path on the 
 against the label-free PCA V and the clean-vs-clean V (matched k, the real V's orientation) and --verify-draws random
 Vs; PASS needs an energy gap >= --verify-margin over each comparator (bootstrap 95% CI over problems above 0), energy
 above the random draws' 95th percentile, and an AUROC no worse than either comparator's and above the random draws'
-mean. Writes <V>.verify.json; exits 1 on FAIL."""
+mean. Writes <V>.verify.json; exits 0 on PASS, 3 on FAIL (a verdict, not an error: 1 and 2 are errors)."""
 
 
 def _check_verify_settings(v) -> None:
@@ -898,7 +898,7 @@ def verify_main(argv: list[str]) -> int:
           f"V from {len(meta['pair_ids'])} pairs of --pairs {meta['pair_source']}")
     print(f"per module hack-ward energy: best {worst[-1][0]} {worst[-1][1]:.3f}, worst {worst[0][0]} {worst[0][1]:.3f}")
     print(res.verdict())
-    return 0 if res.passed else 1
+    return 0 if res.passed else config.VERIFY_FAIL_EXIT
 
 
 def load_projector(pc, fingerprint: str, seed: int, modules: set[str] | None = None):
