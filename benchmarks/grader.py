@@ -264,12 +264,11 @@ def forkserver_vs_fresh(problems: list[Problem], cores: int, rounds: int) -> tup
         o["in_process_cpu_ms_per_program"] = round(b_cpu / n * 1000, 2)
         o["forkserver_over_fresh"] = {k: _ratio(m[True][k], m[False][k]) for k in m[True]}
         o["same_verdicts"] = same
+        r = o["forkserver_over_fresh"]
         for fs in (False, True):
-            r = o["forkserver_over_fresh"]
-            cell = (lambda k: f"{m[fs][k]:.1f}") if not fs else (lambda k: f"{m[fs][k]:.1f} ({r[k]:.2f}x)")
-            rows.append((variant, "fork server" if fs else "fresh", cell("cpu_ms_per_program"),
-                         cell("wall_ms_per_program_1_worker"), cell("programs_per_s"),
-                         "" if not fs else "yes" if same else "NO"))
+            cells = [f"{m[fs][k]:.1f}" + (f" ({r[k]:.2f}x)" if fs else "") for k in (
+                "cpu_ms_per_program", "wall_ms_per_program_1_worker", "programs_per_s")]
+            rows.append((variant, "fork server" if fs else "fresh", *cells, "" if not fs else "yes" if same else "NO"))
     return rows, out
 
 

@@ -779,30 +779,39 @@ def test_a_program_cannot_kill_or_trace_its_server(unsafe, monkeypatch):
 
 
 LEAVE = SAY + f"""
+import ctypes
 for path in ("/tmp/{MARKER}", "/dev/shm/{MARKER}", "{MARKER}", "result.txt"):
     open(path, "w").write("PASS")
+lc = ctypes.CDLL(None, use_errno=True)
+lc.syscall({_NR.get("shmget", -1)}, {SHM_KEY}, 4096, 0o1666)  # a SysV segment: outlives the process
 say("left")
 """
 FIND = SAY + f"""
+import ctypes
 found = []
 for path in ("/tmp/{MARKER}", "/dev/shm/{MARKER}", "{MARKER}", "result.txt"):
     try:
         found.append(open(path).read())
     except OSError:
         pass
+lc = ctypes.CDLL(None, use_errno=True)
+if lc.syscall({_NR.get("shmget", -1)}, {SHM_KEY}, 0, 0) >= 0:
+    found.append("shm")
 say("found %d" % len(found))
 """
 
 
 @SERVED
-@pytest.mark.parametrize("unsafe", [(), ("tmpfs",)])
-def test_files_a_program_leaves_do_not_reach_the_next_one(unsafe):
+@pytest.mark.skipif(not _NR, reason="syscall numbers for this architecture not listed")
+@pytest.mark.parametrize("unsafe", [(), ("tmpfs",), ("ipcns",)])
+def test_what_a_program_leaves_does_not_reach_the_next_one(unsafe):
     sandbox.stop_servers()  # one server runs both, one after the other
     assert said(served(LEAVE, unsafe)) == ["left"]
     res = served(FIND, unsafe, read_files=("result.txt",))
-    # without fresh tmpfs per program, /tmp, /dev/shm and the working directory are the server's, shared by all
-    assert said(res) == (["found 0"] if unsafe == () else ["found 4"])
-    assert ("result.txt" in res.files) == (unsafe != ())
+    # without fresh tmpfs per program, /tmp, /dev/shm and the working directory are the server's, shared by all; without
+    # a fresh ipc namespace, so is the SysV segment
+    assert said(res) == [{(): "found 0", ("tmpfs",): "found 4", ("ipcns",): "found 1"}[unsafe]]
+    assert ("result.txt" in res.files) == (unsafe == ("tmpfs",))
     sandbox.stop_servers()
 
 
@@ -925,8 +934,11 @@ def test_a_hung_server_gives_an_error_and_is_replaced(monkeypatch):
 
 
 @SERVED
-def test_every_program_of_a_server_gets_fresh_random_state_and_pid_1():
+def test_every_program_of_a_server_gets_fresh_random_state_pid_1_and_only_its_pipes():
     sandbox.stop_servers()
-    prog = SAY + "import random, os\nsay('%d %s' % (os.getpid(), random.random()))\n"
-    runs = [said(served(prog))[0].split() for _ in range(3)]
-    assert {pid for pid, _ in runs} == {"1"} and len({r for _, r in runs}) == 3
+    prog = SAY + ("import random, os\nfds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+                  "say('%d %s %s' % (os.getpid(), random.random(), fds))\n")
+    runs = [said(served(prog))[0].split(" ", 2) for _ in range(3)]
+    assert {pid for pid, _, _ in runs} == {"1"} and len({r for _, r, _ in runs}) == 3
+    # the five pipes and the listing's own fd: nothing of the server's (its socket) is left open
+    assert {fds for _, _, fds in runs} == {"[0, 1, 2, 3, 4, 5]"}, runs

@@ -81,6 +81,7 @@ What it does not cover
 from __future__ import annotations
 
 import atexit
+import binascii
 import errno
 import glob
 import json
@@ -682,6 +683,7 @@ exec(compile(_src, "<program>", "exec"), {"__name__": "__main__", "__builtins__"
 # the server or the intermediate (the program reads it from its own stdin), so no later program can find one.
 _BOOT_SERVER = """\
 import json as _js, select as _se, signal as _sg, socket as _so, stat as _st
+from binascii import b2a_base64 as _b64
 _lc.prctl(4, _U(0), _U(0), _U(0), _U(0))  # not dumpable: its /proc files are out of every program's reach
 _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the bootstrap")  # the uid change cleared it
 os.close(4)
@@ -721,7 +723,8 @@ def _intermediate(job, fds):
     try:
         bad = set(job["unsafe"])
         _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the server")
-        _ok(_lc.unshare(0x20000 | 0x8000000 | (0 if "pidns" in bad else 0x20000000)), "unshare")
+        _ok(_lc.unshare(0x20000 | (0 if "ipcns" in bad else 0x8000000) | (0 if "pidns" in bad else 0x20000000)),
+            "unshare")
         if "tmpfs" not in bad:
             for d, size in (("/sandbox", job["tmpfs"]), ("/tmp", job["tmpfs"]), ("/dev/shm", job["tmpfs"])):
                 _mount("tmpfs", d, "tmpfs", 0x2 | 0x4, "size=%d,mode=%s,uid=%d,gid=%d" % (
@@ -752,7 +755,7 @@ def _intermediate(job, fds):
                 continue
             try:
                 if _st.S_ISREG(os.fstat(f).st_mode):
-                    got[name] = os.read(f, job["max_file"]).hex()
+                    got[name] = _b64(os.read(f, job["max_file"])).decode()
             finally:
                 os.close(f)
         _sk.send(_js.dumps({"seq": job["seq"], "st": st, "files": got}).encode())
@@ -785,7 +788,7 @@ _ok(_lc.syscall(_U(int(_a[17])), ctypes.byref((ctypes.c_uint32 * 2)(0x20080522, 
 _lc.prctl(47, _U(4), _U(0), _U(0), _U(0))
 _bpf = bytes.fromhex(_job["bpf"])
 _as, _cpu, _np, _fs, _nf = _job["as"], _job["cpu"], _job["nproc"], _job["fsize"], _job["nofile"]
-del _job, _fds, _serve, _intermediate, _sk, _js, _se, _sg, _so, _st, _m, _i, _f
+del _job, _fds, _serve, _intermediate, _sk, _js, _se, _sg, _so, _st, _b64, _m, _i, _f
 """
 
 _BOOTS = {
@@ -1082,7 +1085,7 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
     child runs; returning g (seconds) stops the run unless the phase ends within g (see the module docstring).
     `server=True` (level "userns" only) runs it in a fork server's fresh child instead of a fresh interpreter (see
     "Fork servers"); `preload` names the modules that server imports once. `_allow_fork` drops the no-fork rule and
-    `_unsafe` drops fork-server defences ("pidns", "tmpfs"), only for tests of the other defences."""
+    `_unsafe` drops fork-server defences ("pidns", "tmpfs", "ipcns"), only for tests of the other defences."""
     if not timeout > 0 or not math.isfinite(timeout):
         raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
     if phases < 1:
@@ -1515,7 +1518,7 @@ class _ForkServer:
                 pass
 
     def result(self, timeout: float) -> dict:
-        """The current job's report: {"st": exit code (negative: signal), "files": {name: hex}}; ServerError if the
+        """The current job's report: {"st": exit code (negative: signal), "files": {name: base64}}; ServerError if the
         server dies, fails or does not answer within `timeout`."""
         assert self.sock is not None
         deadline = time.monotonic() + timeout
@@ -1614,6 +1617,23 @@ def server_pids() -> set[int]:
 atexit.register(stop_servers)
 
 
+def _forget_servers() -> None:
+    """In a child forked from this process: the servers are the parent's (drop this copy of their sockets)."""
+    global _spawner
+    for srv in list(_live) + [srv for idle in _idle.values() for srv in idle]:
+        if srv.sock is not None:
+            srv.sock.close()
+            srv.sock = None
+        srv.proc = None
+        srv.uid = -1
+    _idle.clear()
+    _live.clear()
+    _spawner = None
+
+
+os.register_at_fork(after_in_child=_forget_servers)
+
+
 def _run_served(program: str, *, timeout: float, phases: int, read_files: tuple[str, ...], memory_mb: int,
                 nproc: int, cpu: int, max_output: int, max_frame: int, max_frames: int, max_channel: int,
                 bpf: bytes | None, on_frame: FrameHook | None, key: tuple) -> ExecResult:
@@ -1656,7 +1676,7 @@ def _run_served(program: str, *, timeout: float, phases: int, read_files: tuple[
         if srv is not None:
             _give_back(srv, key, healthy)
     res.returncode = reply["st"]
-    res.files = {name: bytes.fromhex(v) for name, v in reply["files"].items()}
+    res.files = {name: binascii.a2b_base64(v) for name, v in reply["files"].items()}
     res.wall_s = time.monotonic() - start
     res.isolation = "userns"
     res.forkserver = True
