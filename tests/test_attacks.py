@@ -761,7 +761,7 @@ say("saw %d" % len(pids))
 
 
 @SERVED
-@pytest.mark.parametrize("unsafe", [(), ("pidns",)])
+@pytest.mark.parametrize("unsafe", [(), ("pidns",), ("session",)])
 def test_a_program_cannot_kill_or_trace_its_server(unsafe, monkeypatch):
     monkeypatch.setattr(sandbox, "SERVER_REPLY_S", 2.0)
     sandbox.stop_servers()
@@ -773,7 +773,8 @@ def test_a_program_cannot_kill_or_trace_its_server(unsafe, monkeypatch):
     except sandbox.ServerError:
         intact = False
     intact = intact and sandbox.server_pids() == before and said(served(SAY + "say('up')", unsafe)) == ["up"]
-    # without a pid namespace of its own the program sees its server and intermediate and kills the latter
+    # without a pid namespace of its own the program sees its server and intermediate and kills the latter; without
+    # a session of its own, killpg(0) reaches them (process groups span pid namespaces)
     assert intact == (unsafe == ())
     assert survivors() == []
 

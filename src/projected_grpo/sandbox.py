@@ -689,8 +689,10 @@ _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the bootstrap")  # the u
 os.close(4)
 _sk = _so.socket(fileno=3)
 for _m in _a[20].split(","):
-    if _m:
-        __import__(_m)
+    try:
+        __import__(_m) if _m else None
+    except ImportError:  # (not in this Python: the program will not find it either)
+        pass
 del _c, _root, _work, _plan, _fds, _e, _n, _t, _d, _f, _top, _bind, _read_only, _check_read_only, _mounts_under,\\
     _with_mounts_below, _uncover_proc, _cap_eff, _stuck
 
@@ -779,7 +781,8 @@ for _i, _f in enumerate(_hi):
     os.dup2(_f, _i, inheritable=_i < 3)
 os.closerange(5, 1 << 16)
 _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the intermediate")
-os.setsid()  # a process group of its own: killpg(0) would otherwise reach its server (groups span pid namespaces)
+if "session" not in _job["unsafe"]:
+    os.setsid()  # a process group of its own: killpg(0) would otherwise reach its server (groups span pid namespaces)
 for _i in range(64):  # drop every capability: bounding set, then effective/permitted/inheritable, then ambient
     if _lc.prctl(24, _U(_i), _U(0), _U(0), _U(0)) != 0:
         break
@@ -1085,7 +1088,7 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
     child runs; returning g (seconds) stops the run unless the phase ends within g (see the module docstring).
     `server=True` (level "userns" only) runs it in a fork server's fresh child instead of a fresh interpreter (see
     "Fork servers"); `preload` names the modules that server imports once. `_allow_fork` drops the no-fork rule and
-    `_unsafe` drops fork-server defences ("pidns", "tmpfs", "ipcns"), only for tests of the other defences."""
+    `_unsafe` drops fork-server defences ("pidns", "tmpfs", "ipcns", "session"), only for tests of them."""
     if not timeout > 0 or not math.isfinite(timeout):
         raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
     if phases < 1:
