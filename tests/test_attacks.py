@@ -943,3 +943,8 @@ def test_every_program_of_a_server_gets_fresh_random_state_pid_1_and_only_its_pi
     assert {pid for pid, _, _ in runs} == {"1"} and len({r for _, r, _ in runs}) == 3
     # the five pipes and the listing's own fd: nothing of the server's (its socket) is left open
     assert {fds for _, _, fds in runs} == {"[0, 1, 2, 3, 4, 5]"}, runs
+    status = said(served(SAY + "say(open('/proc/self/status').read())"))[0]
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert {k: fields[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")} \
+        == {**{k: "0" * 16 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}, "NoNewPrivs": "1",
+            "Seccomp": "2"}, status

@@ -811,7 +811,8 @@ SAME_AS_FRESH = {
     "result_file": "open('result.txt', 'w').write('PASS')\nimport os\nos.symlink('/etc/passwd', 'link.txt')",
     "flood": "import sys\nsys.stdout.write('x' * (1 << 20))",
     "identity": SEND + "import json\nsend(json.dumps([os.getuid(), os.getgid(), os.getpid(), os.getcwd(),"
-                       " sorted(os.listdir('.')), os.path.exists('/proc/1/exe') or 'no-exe']).encode())",
+                       " sorted(os.listdir('.')), os.path.exists('/proc/1/exe') or 'no-exe', [line for line in"
+                       " open('/proc/self/status') if line.startswith(('Cap', 'NoNewPrivs', 'Seccomp:'))]]).encode())",
 }
 
 
