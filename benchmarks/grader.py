@@ -299,7 +299,8 @@ def main() -> int:
                     "precompiled vs source (default 24: slow_wrong's full suite takes ~3 s a program)")
     ap.add_argument("--only-compare", action="store_true", help="skip the per-level overhead table")
     ap.add_argument("--only-forkserver", action="store_true", help="only fork servers vs fresh interpreters")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of fork servers vs fresh (default 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of fork servers vs fresh (default 2; 0: "
+                    "only the empty run and the early-stop verdicts)")
     args = ap.parse_args()
     problems = load_problems(args.problems)[:args.limit]
     best = sandbox.isolation_level()
@@ -318,7 +319,7 @@ def main() -> int:
     gc.collect()
     gc.freeze()  # the loaded problems are long-lived: keep the collector from rescanning them during the baseline
     if args.only_forkserver:
-        return _forkserver_main(problems, cores, args.rounds)
+        return _forkserver_main(problems, cores, args.rounds, problems[:args.compare_limit])
     base = {} if args.only_compare else {v: in_process(problems, v) for v in VARIANTS}
     rows, summary = [], {"problems": n, "cores": cores, "sandbox_run_pass_ms": round(spawn_ms, 2),
                          "fresh_interpreter_with_setup_imports_ms": round(floor_ms, 2), "levels": {}}
@@ -372,7 +373,22 @@ def main() -> int:
     return 1 if any(r[9] > r[10] for r in rows) or cmp_bad else 0  # a wrong label that no timeout explains
 
 
-def _forkserver_main(problems: list[Problem], cores: int, rounds: int) -> int:
+def early_stop_verdicts(problems: list[Problem], cores: int) -> dict:
+    """Early stop (the training default), fresh vs fork server, every COMPARE variant: programs whose verdict
+    differs (gt_pass, hinted_pass, label, reward, test_modification, gt_pass_rate, timed_out)."""
+    out = {}
+    for variant in COMPARE:
+        texts = [completion(p, variant) for p in problems]
+        hints = [grader.mode_hint("run_tests", p) for p in problems]
+        got = {fs: [(g.gt_pass, g.hinted_pass, g.label, g.reward, g.test_modification, g.gt_pass_rate, g.timed_out)
+                    for g in grade_batch(problems, texts, hints, workers=cores, isolation="userns",
+                                         full_suite=False, forkserver=fs)] for fs in (False, True)}
+        out[variant] = {"programs": len(problems),
+                        "differing": sum(a != b for a, b in zip(got[False], got[True], strict=True))}
+    return out
+
+
+def _forkserver_main(problems: list[Problem], cores: int, rounds: int, compare: list[Problem]) -> int:
     if "userns" not in sandbox.available_levels():
         print("fork servers need the userns level, which does not work here", file=sys.stderr)
         return 2
@@ -386,10 +402,12 @@ def _forkserver_main(problems: list[Problem], cores: int, rounds: int) -> int:
         e = empty.setdefault(fs, [0.0, 0.0])
         e[0] += (time.perf_counter() - t0) / 100 * 1000
         e[1] += (_cpu() - c0) / 100 * 1000
-    rows, out = forkserver_vs_fresh(problems, cores, rounds)
+    rows, out = forkserver_vs_fresh(problems, cores, rounds) if rounds else ([], {})
+    early = early_stop_verdicts(compare, cores)
     summary = {"problems": len(problems), "cores": cores, "rounds": rounds,
                "empty_run_ms": {("forkserver" if fs else "fresh"): {"wall": round(w, 2), "cpu": round(c, 2)}
-                                for fs, (w, c) in empty.items()}, "forkserver_vs_fresh": out}
+                                for fs, (w, c) in empty.items()}, "forkserver_vs_fresh": out,
+               "early_stop_verdicts": early}
     print(f"Fork servers vs fresh interpreters, isolation userns, {len(problems)} problems x {len(VARIANTS)} "
           f"variants, full suite, {rounds} interleaved rounds. An empty run: fresh {empty[False][0]:.1f} ms wall / "
           f"{empty[False][1]:.1f} ms CPU, fork server {empty[True][0]:.1f} / {empty[True][1]:.1f}. CPU ms/program = "
@@ -398,8 +416,11 @@ def _forkserver_main(problems: list[Problem], cores: int, rounds: int) -> int:
           "test_modification, gt_pass_rate, timed_out); differences where either side ran into the time limit are "
           "counted apart.")
     _table(("variant", "path", "cpu ms/prog", "wall ms/prog 1w", f"programs/s {cores}w", "same verdicts"), rows, 18)
+    print(f"Early stop (the training default), first {len(compare)} problems, {cores} workers, fresh vs fork server: "
+          + ", ".join(f"{v} {d['differing']} of {d['programs']} verdicts differ" for v, d in early.items()))
     print(json.dumps(summary))
-    return 0 if all(d["same_verdicts"] for d in out.values()) else 1
+    return 0 if all(d["same_verdicts"] for d in out.values()) and not any(
+        d["differing"] for d in early.values()) else 1
 
 
 if __name__ == "__main__":
