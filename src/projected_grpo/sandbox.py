@@ -61,7 +61,7 @@ run is also made non-dumpable (its /proc memory and environment are root's alone
 
 Fork servers (`run(server=True)`, "userns" only; the grader's default there). A server is an interpreter started
 like a "userns" run that keeps its capabilities inside its own user namespace, imports `preload` once and then runs
-one job at a time: per job an intermediate enters fresh mount, pid and ipc namespaces with fresh tmpfs on
+one job at a time: per job an intermediate enters fresh mount, pid, ipc and network namespaces with fresh tmpfs on
 /sandbox, /tmp and /dev/shm and forks the program's process (pid 1 of its pid namespace, a fresh /proc, a session
 of its own, only its five pipes open, every capability dropped), which then does what a fresh run's bootstrap does
 (non-dumpable, seccomp, rlimits, the program read from its own stdin: no program byte enters the server). The parent
@@ -676,7 +676,7 @@ exec(compile(_src, "<program>", "exec"), {"__name__": "__main__", "__builtins__"
 # The fork server ("userns" level): the bootstrap up to pivot_root, keeping its capabilities in its own user
 # namespace (they reach nothing outside it), then this loop. argv[20]: modules to import once. Per job (a message on
 # the socket at fd 3 with the run's five pipes: stdin, stdout, stderr, channel, control) it forks an intermediate,
-# which enters fresh mount, pid and ipc namespaces, mounts fresh tmpfs on /sandbox, /tmp and /dev/shm, forks the
+# which enters fresh mount, pid, ipc and network namespaces, mounts fresh tmpfs on /sandbox, /tmp and /dev/shm, forks the
 # program's process (pid 1 there), waits for it (or a kill request on the socket), reads the requested files back
 # from its /sandbox and answers with its exit status. The program's process mounts a fresh /proc, keeps only its five
 # pipes, drops every capability and goes on as a fresh bootstrap does (_BOOT_TAIL). No byte of a program ever enters
@@ -725,8 +725,10 @@ def _intermediate(job, fds):
     try:
         bad = set(job["unsafe"])
         _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the server")
-        _ok(_lc.unshare(0x20000 | (0 if "ipcns" in bad else 0x8000000) | (0 if "pidns" in bad else 0x20000000)),
-            "unshare")
+        # fresh mount, ipc, network and pid namespaces (nothing a program without capabilities can leave in a network
+        # namespace outlives it, but a fresh run gets its own too)
+        _ok(_lc.unshare(0x20000 | 0x40000000 | (0 if "ipcns" in bad else 0x8000000) |
+                        (0 if "pidns" in bad else 0x20000000)), "unshare")
         if "tmpfs" not in bad:
             for d, size in (("/sandbox", job["tmpfs"]), ("/tmp", job["tmpfs"]), ("/dev/shm", job["tmpfs"])):
                 _mount("tmpfs", d, "tmpfs", 0x2 | 0x4, "size=%d,mode=%s,uid=%d,gid=%d" % (
