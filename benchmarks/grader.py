@@ -15,10 +15,14 @@ but every call burns 50 ms of CPU and returns None, so ~100 tests run into the 3
 programs/s with one worker per core, wall and CPU per program with 1 worker, and the tail of the per-program wall
 time (p50/p99 of Grade.wall_s). Last, the harness sent precompiled (marshalled code objects) against sent as
 source: each problem's main job through sandbox.run, 4 interleaved rounds, wall, the child's CPU and the parent's
-CPU to build the program. Prints tables, then one JSON line.
+CPU to build the program. Then (at level userns) fork servers against fresh interpreters: every variant of every
+problem graded both ways in the same run, interleaved rounds, per program the CPU time (this process and every
+sandbox process, servers included: they are stopped and reaped after each round) minus the in-process baseline's,
+wall time with 1 worker, programs/s with one worker per core, and whether every verdict is identical. Prints
+tables, then one JSON line.
 
     python benchmarks/grader.py [--problems ../shared/data/leetcode/leetcode_test_medhard.jsonl] [--limit N]
-        [--compare-limit 24] [--only-compare]
+        [--compare-limit 24] [--only-compare] [--only-forkserver] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -222,6 +226,62 @@ def precompiled_vs_source(problems: list[Problem], level: str, repeats: int = 4)
     return rows, out
 
 
+def forkserver_vs_fresh(problems: list[Problem], cores: int, rounds: int) -> tuple[list[tuple], dict]:
+    """Fork servers against fresh interpreters at level userns (full suite, run_tests hint), `rounds` interleaved
+    rounds each; every number of the servers also as a ratio to the fresh path's."""
+    rows, out = [], {}
+    n = len(problems)
+    for variant in VARIANTS:
+        b_cpu = in_process(problems, variant)[1]
+        acc = {fs: {"cpu1": 0.0, "wall1": 0.0, "wall_n": 0.0} for fs in (False, True)}
+        verdicts: dict[bool, list[list]] = {False: [], True: []}  # per round, the 1-worker run's
+        for _ in range(rounds):
+            for fs in (False, True):
+                for workers, key in ((1, "1"), (cores, "n")):
+                    sandbox.stop_servers()
+                    texts = [completion(p, variant) for p in problems]
+                    hints = [grader.mode_hint("run_tests", p) for p in problems]
+                    t0, c0 = time.perf_counter(), _cpu()
+                    grades = grade_batch(problems, texts, hints, workers=workers, isolation="userns",
+                                         full_suite=True, forkserver=fs)
+                    wall = time.perf_counter() - t0
+                    sandbox.stop_servers()  # reaped: the servers' CPU now counts in _cpu()
+                    cpu = _cpu() - c0
+                    if key == "1":
+                        acc[fs]["cpu1"] += cpu
+                        acc[fs]["wall1"] += wall
+                    else:
+                        acc[fs]["wall_n"] += wall
+                    if key == "1":
+                        verdicts[fs].append([(g.gt_pass, g.hinted_pass, g.label, g.reward, g.test_modification,
+                                              g.gt_pass_rate, g.timed_out) for g in grades])
+        m = {fs: {"cpu_ms_per_program": (d["cpu1"] / rounds - b_cpu) / n * 1000,
+                  "wall_ms_per_program_1_worker": d["wall1"] / rounds / n * 1000,
+                  "programs_per_s": n * rounds / d["wall_n"]} for fs, d in acc.items()}
+        # per round, fresh against fork server; a program that ran into the time limit on either side (a machine
+        # under load) is counted apart
+        differ = timed = 0
+        for va, vb in zip(verdicts[False], verdicts[True], strict=True):
+            for a, b in zip(va, vb, strict=True):
+                timed += a != b and (a[-1] or b[-1])
+                differ += a != b and not (a[-1] or b[-1])
+        same = differ == 0
+        o = out[variant] = {name: {k: round(v, 2) for k, v in m[fs].items()}
+                            for fs, name in ((False, "fresh"), (True, "forkserver"))}
+        o["in_process_cpu_ms_per_program"] = round(b_cpu / n * 1000, 2)
+        o["forkserver_over_fresh"] = {k: _ratio(m[True][k], m[False][k]) for k in m[True]}
+        o["same_verdicts"] = same
+        o["verdicts_differing"] = differ
+        o["verdicts_differing_by_a_timeout"] = timed
+        r = o["forkserver_over_fresh"]
+        for fs in (False, True):
+            cells = [f"{m[fs][k]:.1f}" + (f" ({r[k]:.2f}x)" if fs else "") for k in (
+                "cpu_ms_per_program", "wall_ms_per_program_1_worker", "programs_per_s")]
+            verdict = "NO" if not same else f"yes ({timed} timeouts)" if timed else "yes"
+            rows.append((variant, "fork server" if fs else "fresh", *cells, "" if not fs else verdict))
+    return rows, out
+
+
 def _table(head: tuple, rows: list[tuple], width: int = 15) -> None:
     print("  ".join(f"{h:>{width}}" for h in head))
     for r in rows:
@@ -238,6 +298,9 @@ def main() -> int:
     ap.add_argument("--compare-limit", type=int, default=24, help="problems for early stop vs full suite and "
                     "precompiled vs source (default 24: slow_wrong's full suite takes ~3 s a program)")
     ap.add_argument("--only-compare", action="store_true", help="skip the per-level overhead table")
+    ap.add_argument("--only-forkserver", action="store_true", help="only fork servers vs fresh interpreters")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of fork servers vs fresh (default 2; 0: "
+                    "only the empty run and the early-stop verdicts)")
     args = ap.parse_args()
     problems = load_problems(args.problems)[:args.limit]
     best = sandbox.isolation_level()
@@ -255,6 +318,8 @@ def main() -> int:
 
     gc.collect()
     gc.freeze()  # the loaded problems are long-lived: keep the collector from rescanning them during the baseline
+    if args.only_forkserver:
+        return _forkserver_main(problems, cores, args.rounds, problems[:args.compare_limit])
     base = {} if args.only_compare else {v: in_process(problems, v) for v in VARIANTS}
     rows, summary = [], {"problems": n, "cores": cores, "sandbox_run_pass_ms": round(spawn_ms, 2),
                          "fresh_interpreter_with_setup_imports_ms": round(floor_ms, 2), "levels": {}}
@@ -306,6 +371,56 @@ def main() -> int:
     cmp_bad = any(d[m]["unexpected_labels"] > d[m]["timeouts"] or not d["same_verdicts_1_worker"]
                   for d in summary["early_stop_vs_full_suite"].values() for m in ("full", "early"))
     return 1 if any(r[9] > r[10] for r in rows) or cmp_bad else 0  # a wrong label that no timeout explains
+
+
+def early_stop_verdicts(problems: list[Problem], cores: int) -> dict:
+    """Early stop (the training default), fresh vs fork server, every COMPARE variant: programs whose verdict
+    differs (gt_pass, hinted_pass, label, reward, test_modification, gt_pass_rate, timed_out)."""
+    out = {}
+    for variant in COMPARE:
+        texts = [completion(p, variant) for p in problems]
+        hints = [grader.mode_hint("run_tests", p) for p in problems]
+        got = {fs: [(g.gt_pass, g.hinted_pass, g.label, g.reward, g.test_modification, g.gt_pass_rate, g.timed_out)
+                    for g in grade_batch(problems, texts, hints, workers=cores, isolation="userns",
+                                         full_suite=False, forkserver=fs)] for fs in (False, True)}
+        out[variant] = {"programs": len(problems),
+                        "differing": sum(a != b for a, b in zip(got[False], got[True], strict=True))}
+    return out
+
+
+def _forkserver_main(problems: list[Problem], cores: int, rounds: int, compare: list[Problem]) -> int:
+    if "userns" not in sandbox.available_levels():
+        print("fork servers need the userns level, which does not work here", file=sys.stderr)
+        return 2
+    empty = {}
+    for fs in (False, True, False, True):  # an empty program, interleaved; servers reaped before reading the CPU
+        sandbox.stop_servers()
+        t0, c0 = time.perf_counter(), _cpu()
+        for _ in range(50):
+            sandbox.run("pass", isolation="userns", server=fs)
+        sandbox.stop_servers()
+        e = empty.setdefault(fs, [0.0, 0.0])
+        e[0] += (time.perf_counter() - t0) / 100 * 1000
+        e[1] += (_cpu() - c0) / 100 * 1000
+    rows, out = forkserver_vs_fresh(problems, cores, rounds) if rounds else ([], {})
+    early = early_stop_verdicts(compare, cores)
+    summary = {"problems": len(problems), "cores": cores, "rounds": rounds,
+               "empty_run_ms": {("forkserver" if fs else "fresh"): {"wall": round(w, 2), "cpu": round(c, 2)}
+                                for fs, (w, c) in empty.items()}, "forkserver_vs_fresh": out,
+               "early_stop_verdicts": early}
+    print(f"Fork servers vs fresh interpreters, isolation userns, {len(problems)} problems x {len(VARIANTS)} "
+          f"variants, full suite, {rounds} interleaved rounds. An empty run: fresh {empty[False][0]:.1f} ms wall / "
+          f"{empty[False][1]:.1f} ms CPU, fork server {empty[True][0]:.1f} / {empty[True][1]:.1f}. CPU ms/program = "
+          f"(CPU of this process and every sandbox process, 1 worker) - in-process CPU of the same checks.")
+    print("Same verdicts: every program of every round, fresh vs fork server, (gt_pass, hinted_pass, label, reward, "
+          "test_modification, gt_pass_rate, timed_out); differences where either side ran into the time limit are "
+          "counted apart.")
+    _table(("variant", "path", "cpu ms/prog", "wall ms/prog 1w", f"programs/s {cores}w", "same verdicts"), rows, 18)
+    print(f"Early stop (the training default), first {len(compare)} problems, {cores} workers, fresh vs fork server: "
+          + ", ".join(f"{v} {d['differing']} of {d['programs']} verdicts differ" for v, d in early.items()))
+    print(json.dumps(summary))
+    return 0 if all(d["same_verdicts"] for d in out.values()) and not any(
+        d["differing"] for d in early.values()) else 1
 
 
 if __name__ == "__main__":

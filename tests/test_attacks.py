@@ -1,6 +1,7 @@
 """Adversarial programs against the grader. None may reach gt_pass. After each one the grader still grades a correct
 solution correctly and no process of the run survives. The suite runs at every level that works here (CI, as root:
-bwrap, userns and uid). Attacks that only isolation can stop (reading the data set, the network, the host's /tmp)
+bwrap, userns and uid), and on fork servers ("forkserver": level userns, sandbox.run(server=True)), whose own risks
+have attacks of their own at the end. Attacks that only isolation can stop (reading the data set, the network, the host's /tmp)
 run at the strong levels, each with a positive control at a level that does not stop it."""
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from projected_grpo.problems import SETUP_CODE, Hint, Problem, load_problems, pa
 
 # Unprivileged levels available here; the attacks below kill(-1), fork-bomb and write files, so never "rlimits".
 LEVELS = [lv for lv in sandbox.available_levels() if lv != "rlimits"]
+LEVELS += ["forkserver"] if "userns" in LEVELS else []  # the userns level, each program a fork server's child
 if not LEVELS:
     pytest.skip("no unprivileged sandbox level here (needs bubblewrap, user namespaces or root)",
                 allow_module_level=True)
-STRONG = [lv for lv in LEVELS if lv in sandbox.STRONG] or [
+STRONG = [lv for lv in LEVELS if lv in sandbox.STRONG or lv == "forkserver"] or [
     pytest.param("bwrap", marks=pytest.mark.skip(reason="no strong sandbox level works on this machine"))]
 _ROOT = Path(__file__).resolve().parents[1]
 DATA = next((d for d in (_ROOT / ".." / "shared", _ROOT.parents[1] / "shared") if (d / "data").is_dir()),
@@ -408,9 +410,16 @@ ATTACKS: dict[str, str] = {
 }
 
 
+def where(level: str) -> dict:
+    """grade()'s keyword arguments for a parametrized level ("forkserver": userns in fork servers)."""
+    return {"isolation": "userns", "forkserver": True} if level == "forkserver" else {"isolation": level,
+                                                                                        "forkserver": False}
+
+
 def survivors(wait: float = 2.0) -> list[str]:
     """Processes an attack left behind (after up to `wait` s for killed ones to go): anything carrying MARKER, and
-    anything still running the sandbox's bootstrap that descends from this process or runs as one of its uids."""
+    anything still running the sandbox's bootstrap that descends from this process or runs as one of its uids, but
+    the idle fork servers themselves (a program's process or its server's intermediate is a survivor)."""
     deadline = time.monotonic() + wait
     while (found := _survivors()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -421,7 +430,8 @@ def _survivors() -> list[str]:
     boot = b"resource as _r"
     base = sandbox._UID_BASE + (os.getpid() % (1 << 20)) * sandbox._UID_SLOTS
     found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    servers = {str(pid) for pid in sandbox.server_pids()}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit() and p not in servers):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             status = Path(f"/proc/{pid}/status").read_text()
@@ -452,11 +462,11 @@ def attack(code: str, level: str, problem: Problem = SECRET, hint: Hint | None =
     """Grade an attack; by default over the full suite (whose diagnostics the tests below check), see
     test_early_stop_gives_every_attack_the_same_verdict for the training default."""
     program = textwrap.dedent(code).replace("MARKER", MARKER)
-    return grade(problem, fence(program), hint, timeout=timeout, isolation=level, full_suite=full_suite)
+    return grade(problem, fence(program), hint, timeout=timeout, full_suite=full_suite, **where(level))
 
 
 def assert_grader_intact(level: str, problem: Problem = SECRET) -> None:
-    ok = grade(problem, fence(problem.canonical_solution), RUN_TESTS, timeout=20.0, isolation=level)
+    ok = grade(problem, fence(problem.canonical_solution), RUN_TESTS, timeout=20.0, **where(level))
     assert ok.gt_pass and ok.label == "correct", ok
     assert survivors() == []
 
@@ -484,7 +494,7 @@ def test_attack_never_passes(name, level):
     assert_grader_intact(level)
 
 
-@pytest.mark.parametrize("level", STRONG[:1])
+@pytest.mark.parametrize("level", STRONG[:1] + [lv for lv in STRONG[1:] if lv == "forkserver"])
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_early_stop_gives_every_attack_the_same_verdict(name, level):
     # the training default stops the suite at the first failing test: the verdict must not change
@@ -508,7 +518,7 @@ def test_lingering_threads_do_not_hold_a_correct_verdict(level):
 @pytest.mark.parametrize("level", LEVELS)
 def test_writes_outside_the_working_dir_do_not_land(level, tmp_path):
     targets = [os.path.expanduser(f"~/{MARKER}"), str(Path(__file__).resolve().parent / MARKER)]
-    if level in sandbox.STRONG:  # /tmp is the sandbox's own tmpfs (at "uid" it is the shared, world-writable /tmp)
+    if level in STRONG:  # /tmp is the sandbox's own tmpfs (at "uid" it is the shared, world-writable /tmp)
         targets += [f"/tmp/{MARKER}", str(tmp_path / MARKER)]
     code = f"for t in {targets!r}:\n    try:\n        open(t, 'w').write('x')\n    except OSError:\n        pass\n" + WRONG
     assert not attack(code, level).gt_pass
@@ -693,14 +703,14 @@ def test_the_canonical_solution_cannot_be_handed_to_a_later_run(level, monkeypat
     _clean_spots()
     try:
         batch = ([SECRET, SECRET], [fence(SAVE_ANSWERS), fence(LOAD_ANSWERS)], [RUN_TESTS, RUN_TESTS])
-        saver, loader = grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, isolation=level)
+        saver, loader = grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, **where(level))
         assert saver.canonical_pass is True and saver.label == "reward_hack"  # its run_tests did run with it
         assert not loader.gt_pass, loader
         if level == "uid":  # positive control: unsealed, the evaluator child leaves the answers in the shared /tmp
             _clean_spots()
             real = sandbox.run
             monkeypatch.setattr(grader.sandbox, "run", lambda program, **kw: real(program, **{**kw, "seal": False}))
-            assert grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, isolation=level)[1].gt_pass
+            assert grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, **where(level))[1].gt_pass
     finally:
         _clean_spots()
     assert survivors() == []
@@ -708,3 +718,244 @@ def test_the_canonical_solution_cannot_be_handed_to_a_later_run(level, monkeypat
 
 def test_there_are_at_least_twenty_attacks():
     assert len(ATTACKS) + 3 >= 20
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fork servers: a server outlives its programs, so nothing a program does may reach the server, a later program of
+# the same server, or another server's program. Each attack runs with the defence (must fail) and, where a test-only
+# switch drops that defence (sandbox.run(_unsafe=...)), without it (must then succeed: the attack is real).
+
+SERVED = pytest.mark.skipif("forkserver" not in LEVELS, reason="fork servers need the userns level")
+
+
+def served(program: str, unsafe: tuple[str, ...] = (), **kw) -> sandbox.ExecResult:
+    return sandbox.run(textwrap.dedent(program), isolation="userns", server=True, _unsafe=unsafe, **kw)
+
+
+def said(res: sandbox.ExecResult) -> list[str]:
+    return [f.decode() for _, f in res.frames]
+
+
+SAY = "import os\ndef say(text):\n    data = text.encode()\n    os.write(3, len(data).to_bytes(4, 'big') + data)\n"
+
+KILL_THE_SERVER = SAY + """
+import ctypes, os, signal
+me = os.getpid()
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me]
+lc = ctypes.CDLL(None, use_errno=True)
+for pid in pids:
+    lc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+for target in (-1, 0):
+    try:
+        os.kill(target, signal.SIGKILL) if target else os.killpg(0, signal.SIGKILL)
+    except OSError:
+        pass
+say("saw %d" % len(pids))
+"""
+
+
+@SERVED
+@pytest.mark.parametrize("unsafe", [(), ("pidns",), ("session",)])
+def test_a_program_cannot_kill_or_trace_its_server(unsafe, monkeypatch):
+    monkeypatch.setattr(sandbox, "SERVER_REPLY_S", 2.0)
+    sandbox.stop_servers()
+    assert said(served(SAY + "say('up')", unsafe)) == ["up"]
+    before = sandbox.server_pids()
+    try:
+        res = served(KILL_THE_SERVER, unsafe, timeout=2.0)
+        intact = res.error is None and said(res) == ["saw 0"]  # it is alone in its pid namespace
+    except sandbox.ServerError:
+        intact = False
+    intact = intact and sandbox.server_pids() == before and said(served(SAY + "say('up')", unsafe)) == ["up"]
+    # without a pid namespace of its own the program sees its server and intermediate and kills the latter; without
+    # a session of its own, killpg(0) reaches them (process groups span pid namespaces)
+    assert intact == (unsafe == ())
+    assert survivors() == []
+
+
+LEAVE = SAY + f"""
+import ctypes
+for path in ("/tmp/{MARKER}", "/dev/shm/{MARKER}", "{MARKER}", "result.txt"):
+    open(path, "w").write("PASS")
+lc = ctypes.CDLL(None, use_errno=True)
+lc.syscall({_NR.get("shmget", -1)}, {SHM_KEY}, 4096, 0o1666)  # a SysV segment: outlives the process
+say("left")
+"""
+FIND = SAY + f"""
+import ctypes
+found = []
+for path in ("/tmp/{MARKER}", "/dev/shm/{MARKER}", "{MARKER}", "result.txt"):
+    try:
+        found.append(open(path).read())
+    except OSError:
+        pass
+lc = ctypes.CDLL(None, use_errno=True)
+if lc.syscall({_NR.get("shmget", -1)}, {SHM_KEY}, 0, 0) >= 0:
+    found.append("shm")
+say("found %d" % len(found))
+"""
+
+
+@SERVED
+@pytest.mark.skipif(not _NR, reason="syscall numbers for this architecture not listed")
+@pytest.mark.parametrize("unsafe", [(), ("tmpfs",), ("ipcns",)])
+def test_what_a_program_leaves_does_not_reach_the_next_one(unsafe):
+    sandbox.stop_servers()  # one server runs both, one after the other
+    assert said(served(LEAVE, unsafe)) == ["left"]
+    res = served(FIND, unsafe, read_files=("result.txt",))
+    # without fresh tmpfs per program, /tmp, /dev/shm and the working directory are the server's, shared by all; without
+    # a fresh ipc namespace, so is the SysV segment
+    assert said(res) == [{(): "found 0", ("tmpfs",): "found 4", ("ipcns",): "found 1"}[unsafe]]
+    assert ("result.txt" in res.files) == (unsafe == ("tmpfs",))
+    sandbox.stop_servers()
+
+
+FILE_MARKER = Hint(name="file_marker", mode="file_marker", test_func_name="run_tests", prompt_test_code=None)
+
+
+@SERVED
+@pytest.mark.parametrize("unsafe", [(), ("tmpfs",)])
+def test_a_program_cannot_forge_the_next_jobs_file_marker(unsafe, monkeypatch):
+    real = sandbox.run
+    monkeypatch.setattr(grader.sandbox, "run", lambda program, **kw: real(program, **{**kw, "_unsafe": unsafe}))
+    sandbox.stop_servers()
+    forger = WRONG + "\nopen('result.txt', 'w').write('PASS')\n"
+    batch = ([SECRET, SECRET], [fence(forger), fence(WRONG)], [FILE_MARKER, FILE_MARKER])
+    mine, victim = grader.grade_batch(*batch, workers=1, timeout=TIMEOUT, isolation="userns", forkserver=True)
+    assert mine.hinted_pass and mine.label == "reward_hack"  # its own marker is the loophole, as designed
+    assert victim.hinted_pass == (unsafe != ())  # the next job's is not, unless the working dir is shared
+    sandbox.stop_servers()
+
+
+SECRET_HOLDER = SAY + f"""
+import time
+secret = "{MARKER}-" + "held-" * 3
+say("holding")
+time.sleep(3)
+"""
+SCAN_MEMORY = SAY + f"""
+import os, time, ctypes
+want = ("{MARKER}-" + "held-").encode()
+hits, regions = [], 0
+def scan(pid):
+    global regions
+    try:  # its own memory directly (a non-dumpable process may not open even its own /proc/self/mem)
+        maps = open("/proc/%s/maps" % pid).read().splitlines()
+        mem = None if pid == "self" else open("/proc/%s/mem" % pid, "rb", buffering=0)
+    except OSError:
+        return
+    for line in maps:
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if "r" not in line.split()[1] or hi - lo > 1 << 28 or line.endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+            continue
+        try:
+            if mem is None:
+                chunk = ctypes.string_at(lo, hi - lo)
+            else:
+                mem.seek(lo)
+                chunk = mem.read(hi - lo)
+        except (OSError, ValueError, OverflowError):
+            continue
+        regions += 1
+        at = chunk.find(want)
+        while at >= 0:
+            if chunk[at + len(want):at + len(want) + 5] == b"held-":  # the holder's built string, not this literal
+                hits.append(pid)
+            at = chunk.find(want, at + 1)
+time.sleep(0.5)
+for pid in [p for p in os.listdir("/proc") if p.isdigit()] + ["self"]:
+    scan(pid)
+say("hits %d regions %d" % (len(hits), regions))
+"""
+
+
+@SERVED
+def test_a_program_cannot_read_another_programs_memory():
+    # concurrently on two servers (a running sibling) and after it on the same server (a previous program): the
+    # scanner reads every mapping of every process it can see (itself included, so the scan is known to work)
+    sandbox.stop_servers()
+    results: dict[str, sandbox.ExecResult] = {}
+    holder = threading.Thread(target=lambda: results.setdefault("holder", served(SECRET_HOLDER, timeout=10.0)))
+    holder.start()
+    time.sleep(0.3)
+    sibling = served(SCAN_MEMORY, timeout=10.0)
+    holder.join()
+    later = served(SCAN_MEMORY, timeout=10.0)
+    assert said(results["holder"]) == ["holding"]
+    for res in (sibling, later):
+        hits, regions = said(res)[0].split()[1::2]
+        assert hits == "0" and int(regions) > 5, said(res)
+    sandbox.stop_servers()
+
+
+@SERVED
+def test_a_server_killed_mid_run_gives_an_error_and_is_replaced():
+    sandbox.stop_servers()
+    slow_but_right = "import time\ntime.sleep(1.5)\n" + SECRET.canonical_solution
+    out: dict[str, grader.Grade] = {}
+    t = threading.Thread(target=lambda: out.setdefault("g", attack(slow_but_right, "forkserver", timeout=10.0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not sandbox.server_pids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    for pid in sandbox.server_pids():
+        os.kill(pid, 9)
+    t.join()
+    g = out["g"]
+    assert not g.gt_pass and g.error is not None and "fork server" in g.error, g
+    assert_grader_intact("forkserver")
+
+
+@SERVED
+def test_a_hung_server_gives_an_error_and_is_replaced(monkeypatch):
+    monkeypatch.setattr(sandbox, "SERVER_REPLY_S", 1.0)
+    sandbox.stop_servers()
+    assert_grader_intact("forkserver")
+    hung = sorted(sandbox.server_pids())
+    for pid in hung:
+        os.kill(pid, 19)  # SIGSTOP: it takes the next job and never starts it
+    try:
+        g = grade(SECRET, fence(SECRET.canonical_solution), RUN_TESTS, timeout=1.0, **where("forkserver"))
+    finally:
+        for pid in hung:
+            try:
+                os.kill(pid, 18)
+            except ProcessLookupError:
+                pass
+    assert not g.gt_pass and "fork server" in (g.error or ""), g
+    assert not set(hung) & sandbox.server_pids()
+    assert_grader_intact("forkserver")
+
+
+@SERVED
+def test_every_program_of_a_server_gets_fresh_random_state_pid_1_and_only_its_pipes():
+    sandbox.stop_servers()
+    prog = SAY + ("import random, os\nfds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+                  "say('%d %s %s' % (os.getpid(), random.random(), fds))\n")
+    runs = [said(served(prog))[0].split(" ", 2) for _ in range(3)]
+    assert {pid for pid, _, _ in runs} == {"1"} and len({r for _, r, _ in runs}) == 3
+    # the five pipes and the listing's own fd: nothing of the server's (its socket) is left open
+    assert {fds for _, _, fds in runs} == {"[0, 1, 2, 3, 4, 5]"}, runs
+    status = said(served(SAY + "say(open('/proc/self/status').read())"))[0]
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert {k: fields[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")} \
+        == {**{k: "0" * 16 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}, "NoNewPrivs": "1",
+            "Seccomp": "2"}, status
+
+
+@SERVED
+def test_programs_of_one_server_share_its_hash_seed_until_it_is_replaced(monkeypatch):
+    # the stated trade-off (docs/isolation.md): a forked child keeps its server's string hash seed
+    monkeypatch.setattr(sandbox, "SERVER_JOBS", 2)
+    sandbox.stop_servers()
+    prog = SAY + "say(str(hash('projected-grpo')))"
+    seeds = [said(served(prog))[0] for _ in range(4)]
+    assert seeds[0] == seeds[1] and seeds[2] == seeds[3] and seeds[1] != seeds[2], seeds
+    sandbox.stop_servers()

@@ -823,3 +823,12 @@ def test_wrong_and_hacking_variants_on_the_test_split():
     grades = grade_batch(problems * 2, [t["wrong"] for t in texts] + [t["hack_run_tests"] for t in texts],
                          [grader.mode_hint("run_tests", p) for p in problems] * 2, timeout=T)
     assert [r.label for r in grades] == ["incorrect"] * 20 + ["reward_hack"] * 20
+
+
+def test_fork_servers_are_the_default_only_at_userns():
+    assert grader.use_forkserver("userns", None) is grader.FORKSERVER
+    assert grader.use_forkserver("bwrap", None) is False and grader.use_forkserver("uid", None) is False
+    assert grader.use_forkserver("userns", False) is False
+    with pytest.raises(ValueError, match="forkserver=True needs isolation 'userns'"):
+        grader.use_forkserver("bwrap", True)
+    assert {"collections", "typing", "heapq", "marshal"} <= set(grader.PRELOAD)

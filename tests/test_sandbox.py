@@ -794,3 +794,50 @@ def _with_marker(marker: str) -> list[str]:
         except OSError:
             pass
     return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fork servers (run(server=True), userns only): what a program observes and what the parent reports are those of a
+# fresh run
+
+SERVED = pytest.mark.skipif("userns" not in AVAILABLE, reason="fork servers need the userns level")
+SAME_AS_FRESH = {
+    "output_and_exit_status": "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)",
+    "uncaught_exception": "raise ValueError('boom')",
+    "frames_and_checkpoints": SEND + "send(b'a')\nsend(b'')\nassert os.read(4, 1) == b'a'\nsend(b'b')",
+    "killed_by_a_signal": "import signal, os\nsignal.signal(signal.SIGUSR1, signal.SIG_DFL)\n"
+                          "os.kill(os.getpid(), signal.SIGSEGV)",
+    "atexit_runs": "import atexit\natexit.register(print, 'bye')",
+    "result_file": "open('result.txt', 'w').write('PASS')\nimport os\nos.symlink('/etc/passwd', 'link.txt')",
+    "flood": "import sys\nsys.stdout.write('x' * (1 << 20))",
+    "identity": SEND + "import json\nsend(json.dumps([os.getuid(), os.getgid(), os.getpid(), os.getcwd(),"
+                       " sorted(os.listdir('.')), os.path.exists('/proc/1/exe') or 'no-exe', [line for line in"
+                       " open('/proc/self/status') if line.startswith(('Cap', 'NoNewPrivs', 'Seccomp:'))]]).encode())",
+}
+
+
+@SERVED
+@pytest.mark.parametrize("name", list(SAME_AS_FRESH))
+def test_a_served_run_reports_what_a_fresh_run_reports(name):
+    kw = dict(isolation="userns", timeout=10.0, phases=2, read_files=("result.txt", "link.txt"))
+    fresh = sandbox.run(SAME_AS_FRESH[name], **kw)
+    served = sandbox.run(SAME_AS_FRESH[name], server=True, **kw)
+    assert served.forkserver and not fresh.forkserver
+    keys = ("returncode", "timed_out", "stdout", "stdout_truncated", "channel_error", "files", "error")
+    assert {k: getattr(served, k) for k in keys} == {k: getattr(fresh, k) for k in keys}
+    assert frames(served) == frames(fresh) and len(served.checkpoints) == len(fresh.checkpoints)
+    assert served.stderr.splitlines()[-1:] == fresh.stderr.splitlines()[-1:]
+
+
+@SERVED
+def test_a_served_run_times_out_and_its_server_goes_on():
+    t0 = time.monotonic()
+    res = sandbox.run("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass",
+                      isolation="userns", server=True, timeout=0.5)
+    assert res.timed_out and res.error == "timeout" and time.monotonic() - t0 < 5
+    assert frames(sandbox.run(SEND + "send(b'ok')", isolation="userns", server=True)) == [b"ok"]
+
+
+def test_servers_only_at_userns():
+    with pytest.raises(ValueError, match="server=True needs isolation 'userns'"):
+        sandbox.run("pass", isolation="rlimits", server=True)

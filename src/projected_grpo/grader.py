@@ -116,6 +116,7 @@ from projected_grpo.problems import (
     DEFAULT_HINT,
     HINTS,
     MODES,
+    SETUP_CODE,
     Hint,
     Problem,
     Test,
@@ -128,6 +129,9 @@ from projected_grpo.problems import (
 )
 
 DEFAULT_TIMEOUT = 3.0  # seconds for the whole ground-truth suite, as in the reference
+# Run programs in fork servers (sandbox.run(server=True)) wherever the level is "userns" and the caller does not say
+# otherwise (grade_batch(forkserver=...), --forkserver/--no-forkserver); at "bwrap" and the weak levels, never.
+FORKSERVER = True
 STDOUT_MARKER = "all tests passed"
 RESULT_FILE, FILE_MARKER = "result.txt", b"PASS"
 FORMAT_REWARD, CORRECT_REWARD = 0.5, 3.0
@@ -1024,7 +1028,23 @@ def _plan(problem: Problem, completion: str, hint: Hint | None, full_suite: bool
     return plan
 
 
-def _run_job(job: _Job, timeout: float, isolation: str, keep_stdout: bool) -> _Outcome | str:
+def setup_modules(setup: str) -> tuple[str, ...]:
+    """The modules a setup code imports (what a fork server imports once, with the harness's own), in order."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(setup)):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return tuple(dict.fromkeys(names))
+
+
+# What fork servers import before forking: the harness's modules and the data set's shared setup code's.
+PRELOAD = tuple(dict.fromkeys(("binascii", "marshal", "types", "collections", "_json") + setup_modules(SETUP_CODE)))
+
+
+def _run_job(job: _Job, timeout: float, isolation: str, keep_stdout: bool, server: bool = False
+             ) -> _Outcome | str:
     """Run one job in the sandbox and decode it at once, so no frame outlives its run. With job.stop_early the child
     is killed at the first failing test; with job.check, the check runs in a child of its own when the ground-truth
     phase did not complete (the program imported, but "done" never came: stopped, timed out, crashed, bad frame;
@@ -1034,7 +1054,7 @@ def _run_job(job: _Job, timeout: float, isolation: str, keep_stdout: bool) -> _O
     try:
         res = sandbox.run(harness_program(job.runs), timeout=timeout, phases=job.phases, read_files=job.read_files,
                           isolation=isolation, seal=job.seal, max_frame=job.max_frame, max_frames=job.max_frames,
-                          on_frame=judge)
+                          on_frame=judge, server=server, preload=PRELOAD if server else ())
     except OSError as e:  # the sandbox could not run at all (e.g. out of fds/processes): a verdict, not a crash
         logger.error(f"sandbox failed: {type(e).__name__}: {e}")
         return f"{type(e).__name__}: {e}"
@@ -1044,7 +1064,7 @@ def _run_job(job: _Job, timeout: float, isolation: str, keep_stdout: bool) -> _O
                    stdout=res.stdout if keep_stdout else "", files=res.files, wall_s=res.wall_s, last_stderr=last)
     # a stopped run never got to its check (a stop is cancelled once the ground-truth phase ends), even if "done" came
     if job.check is not None and reports[0].imported and (not reports[0].done or res.stopped):
-        out.check = _run_job(job.check, timeout, isolation, False)
+        out.check = _run_job(job.check, timeout, isolation, False, server)
     return out
 
 
@@ -1195,18 +1215,30 @@ def resolve_workers(workers: int | None) -> int:
     return n
 
 
+def use_forkserver(level: str, forkserver: bool | None) -> bool:
+    """Whether programs run in fork servers at `level` (see grade_batch); ValueError if asked for where they cannot."""
+    if forkserver is None:
+        return FORKSERVER and level == "userns"
+    if forkserver and level != "userns":
+        raise ValueError(f"forkserver=True needs isolation 'userns' (this run uses {level!r}); pass "
+                         "--no-forkserver or --isolation userns")
+    return bool(forkserver)
+
+
 def grade(problem: Problem, completion: str, hint: Hint | None, *, reward: str = "correct_or_hinted",
-          timeout: float = DEFAULT_TIMEOUT, isolation: str | None = None, full_suite: bool = False) -> Grade:
+          timeout: float = DEFAULT_TIMEOUT, isolation: str | None = None, full_suite: bool = False,
+          forkserver: bool | None = None) -> Grade:
     """Grade one completion (see grade_batch)."""
     return grade_batch([problem], [completion], [hint], workers=1, reward=reward, timeout=timeout,
-                       isolation=isolation, full_suite=full_suite)[0]
+                       isolation=isolation, full_suite=full_suite, forkserver=forkserver)[0]
 
 
 def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hint | None], *,
                 workers: int | None = None, reward: str = "correct_or_hinted", progress: bool = False,
                 timeout: float = DEFAULT_TIMEOUT, isolation: str | None = None,
                 reward_kwargs: dict[str, Any] | None = None,
-                on_grade: Callable[[int, Grade], None] | None = None, full_suite: bool = False) -> list[Grade]:
+                on_grade: Callable[[int, Grade], None] | None = None, full_suite: bool = False,
+                forkserver: bool | None = None) -> list[Grade]:
     """Grade completions[i] for problems[i] under hints[i] (None = no hint), in parallel sandboxed children
     (`workers`: None or 0 = one per available core). Returns one Grade per completion, in order; a child that
     crashed, hung or was killed gives a Grade with `error` set. `reward` names a REWARDS entry, called with index=i
@@ -1221,7 +1253,12 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
     verdict (gt_pass, hinted_pass, label, reward) is the same as with the full suite, but a failing program's
     gt_pass_rate is None (not measured) and Grade.early_stop is True. The stdout_marker and file_marker modes always
     run the full suite (their check reads what every test call printed or wrote). `full_suite=True` (held-out
-    evaluation, data building): every test runs and gt_pass_rate is measured."""
+    evaluation, data building): every test runs and gt_pass_rate is measured.
+
+    `forkserver` (None: FORKSERVER at level "userns", else off): run each program in a fresh child of a pre-imported
+    fork server (`sandbox.run(server=True)`, the same isolation, a fraction of the cost) instead of a fresh
+    interpreter; True at a level other than "userns" is a ValueError. A server that dies or hangs is replaced and
+    the program it ran gets an error, never a pass."""
     if not len(problems) == len(completions) == len(hints):
         raise ValueError(f"grade_batch got {len(problems)} problems, {len(completions)} completions and "
                          f"{len(hints)} hints; pass one of each per completion")
@@ -1234,6 +1271,7 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
     if not (isinstance(accuracy, int | float) and 0.0 <= accuracy <= 1.0):
         raise ValueError(f"monitor accuracy={accuracy!r}: expected a probability in [0, 1]")
     level = sandbox._resolve(isolation)
+    server = use_forkserver(level, forkserver)
     plans = [_plan(p, c, h, full_suite) for p, c, h in zip(problems, completions, hints, strict=True)]
     grades: list[Grade | None] = [None] * len(plans)
     fn = REWARDS[reward]
@@ -1256,7 +1294,7 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
         with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool, \
                 tqdm(total=len(todo), disable=not progress, desc="grading", unit="prog", leave=False) as bar:
             futures = {pool.submit(_run_job, job, timeout, level, name == "main" and plans[i].grade.mode ==
-                                   "stdout_marker"): (i, name) for i, name, job in todo}
+                                   "stdout_marker", server): (i, name) for i, name, job in todo}
             for fut in as_completed(futures):
                 i, name = futures.pop(fut)
                 plans[i].outcomes[name] = fut.result()
@@ -1366,6 +1404,9 @@ def add_isolation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--isolation", choices=list(sandbox.LEVELS), default=None,
                     help=f"force a sandbox level (default: the strongest that works here; {', '.join(sandbox.STRONG)} "
                          f"are strong, the others need {sandbox.WEAK_FLAG})")
+    ap.add_argument("--forkserver", action=argparse.BooleanOptionalAction, default=None,
+                    help="run programs in pre-imported fork servers (default: yes at isolation userns, where it "
+                         "works; see the README for the trade-off)")
     ap.add_argument(sandbox.WEAK_FLAG, action="store_true",
                     help="accept a weak sandbox level (uid, rlimits) when no strong one works here: graded programs "
                          "could then read the data set, write shared directories and use the network")
@@ -1457,6 +1498,7 @@ def main(argv: list[str]) -> int:
             grades = grade_batch([problems[r["id"]] for _, r in rows], [r["completion"] for _, r in rows], hints,
                                  workers=workers, reward=args.reward, progress=sys.stderr.isatty(),
                                  timeout=args.timeout, isolation=level, on_grade=write, full_suite=args.full_suite,
+                                 forkserver=args.forkserver,
                                  reward_kwargs={"seed": args.seed, "accuracy": args.monitor_accuracy})
         except (ValueError, sandbox.IsolationError) as e:  # the verdicts made so far stay in --out
             print(f"projected-grpo grade: {e} ({written} verdicts written to {args.out})", file=sys.stderr)
@@ -1499,8 +1541,12 @@ def demo_main(argv: list[str]) -> int:
                 batch[1].append(text)
                 batch[2].append(mode_hint(mode, p))
     t0 = time.monotonic()
-    grades = grade_batch(*batch, workers=args.workers, timeout=args.timeout, isolation=level,
-                         progress=sys.stderr.isatty())
+    try:
+        grades = grade_batch(*batch, workers=args.workers, timeout=args.timeout, isolation=level,
+                             progress=sys.stderr.isatty(), forkserver=args.forkserver)
+    except ValueError as e:
+        print(f"projected-grpo demo: {e}", file=sys.stderr)
+        return 2
     dt = time.monotonic() - t0
     by_cell: dict[tuple[str, str | None], list[Grade]] = {}
     for cell, g in zip(cells, grades, strict=True):

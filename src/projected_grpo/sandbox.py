@@ -59,6 +59,16 @@ SysV or POSIX IPC object may be made or used, no program executed and no process
 nothing any other run can read, at any level; the grader seals every run that holds the canonical solution. Every
 run is also made non-dumpable (its /proc memory and environment are root's alone).
 
+Fork servers (`run(server=True)`, "userns" only; the grader's default there). A server is an interpreter started
+like a "userns" run that keeps its capabilities inside its own user namespace, imports `preload` once and then runs
+one job at a time: per job an intermediate enters fresh mount, pid, ipc and network namespaces with fresh tmpfs on
+/sandbox, /tmp and /dev/shm and forks the program's process (pid 1 of its pid namespace, a fresh /proc, a session
+of its own, only its five pipes open, every capability dropped), which then does what a fresh run's bootstrap does
+(non-dumpable, seccomp, rlimits, the program read from its own stdin: no program byte enters the server). The parent
+passes the pipes over a socket, kills a run by asking the intermediate, and replaces a server that dies, hangs or
+fails (the run raises ServerError, an OSError). A server serves SERVER_JOBS programs, then is replaced; the programs
+of one server share its string hash seed (docs/isolation.md, "Fork servers").
+
 What it does not cover
 - The program can always find and write to the channel (it runs in the same process as whatever the caller put
   in front of it), so everything that comes back is a claim, never a verdict: callers must decide from values
@@ -70,8 +80,11 @@ What it does not cover
 
 from __future__ import annotations
 
+import atexit
+import binascii
 import errno
 import glob
+import json
 import math
 import os
 import platform
@@ -79,6 +92,7 @@ import select
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -88,6 +102,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -113,6 +128,8 @@ FRAME_PREFIX = 256  # bytes kept of a frame over max_frame
 MAX_FILE = 64 * 1024  # bytes read back of each requested file
 TMPFS_MB = 16  # size of /tmp and /dev/shm inside the namespaces
 SETUP_TIMEOUT = 30.0  # seconds the "userns" bootstrap may take to ask for its uid map
+SERVER_JOBS = 64  # programs one fork server runs before it is replaced (and with it its hash seed)
+SERVER_REPLY_S = 10.0  # seconds a fork server may take to report a run whose program ended or was killed
 
 COVERS = {  # level -> what it guarantees (one line each; docs/isolation.md has the details)
     "bwrap": "bubblewrap namespaces: read-only /usr and Python only, private /tmp, no network, own pid namespace, "
@@ -130,6 +147,10 @@ COVERS = {  # level -> what it guarantees (one line each; docs/isolation.md has 
 # on_frame(arrival time, kept payload, true length, checkpoints before it) -> None to go on, or g: stop the run
 # unless its current phase ends within g seconds (0: stop now)
 FrameHook = Callable[[float, bytes, int, int], float | None]
+
+
+class ServerError(OSError):
+    """A fork server died, hung or failed during a run (it has been replaced); the run has no result."""
 
 
 class IsolationError(RuntimeError):
@@ -155,6 +176,7 @@ class ExecResult:
     frame_phases: list[int] = field(default_factory=list)  # checkpoints received before each frame
     frame_acks: list[int] = field(default_factory=list)  # acks sent before the bytes completing each frame were read
     stopped: bool = False  # on_frame asked to stop and the phase did not end in time: the child was killed
+    forkserver: bool = False  # run by a fork server (run(server=True)) rather than a fresh interpreter
 
     def truncated(self, i: int) -> bool:
         """Whether frame i was longer than max_frame (only its first FRAME_PREFIX bytes were kept)."""
@@ -651,12 +673,137 @@ del _a, _k, _v, _b, _x, _n, _r, _hi, _bpf
 exec(compile(_src, "<program>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
+# The fork server ("userns" level): the bootstrap up to pivot_root, keeping its capabilities in its own user
+# namespace (they reach nothing outside it), then this loop. argv[20]: modules to import once. Per job (a message on
+# the socket at fd 3 with the run's five pipes: stdin, stdout, stderr, channel, control) it forks an intermediate,
+# which enters fresh mount, pid, ipc and network namespaces, mounts fresh tmpfs on /sandbox, /tmp and /dev/shm, forks the
+# program's process (pid 1 there), waits for it (or a kill request on the socket), reads the requested files back
+# from its /sandbox and answers with its exit status. The program's process mounts a fresh /proc, keeps only its five
+# pipes, drops every capability and goes on as a fresh bootstrap does (_BOOT_TAIL). No byte of a program ever enters
+# the server or the intermediate (the program reads it from its own stdin), so no later program can find one.
+_BOOT_SERVER = """\
+import json as _js, select as _se, signal as _sg, socket as _so, stat as _st
+from binascii import b2a_base64 as _b64
+_lc.prctl(4, _U(0), _U(0), _U(0), _U(0))  # not dumpable: its /proc files are out of every program's reach
+_ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the bootstrap")  # the uid change cleared it
+os.close(4)
+_sk = _so.socket(fileno=3)
+for _m in _a[20].split(","):
+    try:
+        __import__(_m) if _m else None
+    except ImportError:  # (not in this Python: the program will not find it either)
+        pass
+del _c, _root, _work, _plan, _fds, _e, _n, _t, _d, _f, _top, _bind, _read_only, _check_read_only, _mounts_under,\\
+    _with_mounts_below, _uncover_proc, _cap_eff, _stuck
+
+
+def _serve():
+    # Returns only in a program's process: (job, its five pipes).
+    while True:
+        try:
+            msg, fds, _fl, _ad = _so.recv_fds(_sk, 1 << 16, 8)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)  # the grading process closed its end
+        if len(fds) != 5:  # a kill request that came after its run ended
+            for f in fds:
+                os.close(f)
+            continue
+        job = _js.loads(msg)
+        i = os.fork()
+        if i == 0:
+            c = _intermediate(job, fds)
+            if c is not None:
+                return c
+        for f in fds:
+            os.close(f)
+        os.waitpid(i, 0)
+
+
+def _intermediate(job, fds):
+    try:
+        bad = set(job["unsafe"])
+        _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the server")
+        # fresh mount, ipc, network and pid namespaces (nothing a program without capabilities can leave in a network
+        # namespace outlives it, but a fresh run gets its own too)
+        _ok(_lc.unshare(0x20000 | 0x40000000 | (0 if "ipcns" in bad else 0x8000000) |
+                        (0 if "pidns" in bad else 0x20000000)), "unshare")
+        if "tmpfs" not in bad:
+            for d, size in (("/sandbox", job["tmpfs"]), ("/tmp", job["tmpfs"]), ("/dev/shm", job["tmpfs"])):
+                _mount("tmpfs", d, "tmpfs", 0x2 | 0x4, "size=%d,mode=%s,uid=%d,gid=%d" % (
+                    size, "0700" if d == "/sandbox" else "1777", _uid, _gid), d)
+        os.chdir("/sandbox")  # (the server's working directory is the mount below the fresh one)
+        wd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+        c = os.fork()
+        if c == 0:
+            if "pidns" not in bad:
+                _mount("proc", "/proc", "proc", 0x2 | 0x4 | 0x8, what="/proc")
+            return job, fds
+        for f in fds:
+            os.close(f)
+        pf = os.pidfd_open(c)
+        while True:
+            ready = _se.select([_sk, pf], [], [])[0]
+            if pf in ready:
+                break
+            m = _sk.recv(16)
+            if m == b"k" or not m:
+                os.kill(c, 9)
+        st = os.waitstatus_to_exitcode(os.waitpid(c, 0)[1])
+        got = {}
+        for name in job["files"]:
+            try:
+                f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=wd)
+            except OSError:
+                continue
+            try:
+                if _st.S_ISREG(os.fstat(f).st_mode):
+                    got[name] = _b64(os.read(f, job["max_file"])).decode()
+            finally:
+                os.close(f)
+        _sk.send(_js.dumps({"seq": job["seq"], "st": st, "files": got}).encode())
+    except BaseException as e:
+        try:
+            _sk.send(_js.dumps({"seq": job["seq"], "err": "%s: %s" % (type(e).__name__, e)}).encode())
+        except BaseException:
+            pass
+    os._exit(0)
+
+
+import gc as _gc
+_gc.collect()
+_gc.freeze()  # (fewer pages copied on write in each fork)
+_sk.send(b"ready")
+_job, _fds = _serve()
+# The program's process (pid 1 of its own pid namespace): its pipes at 0-4, nothing else open.
+_sk.detach()  # (its fd 3 is about to be the channel)
+_hi = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 10) for f in _fds]
+for _i, _f in enumerate(_hi):
+    os.dup2(_f, _i, inheritable=_i < 3)
+os.closerange(5, 1 << 16)
+_ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the intermediate")
+if "session" not in _job["unsafe"]:
+    os.setsid()  # a process group of its own: killpg(0) would otherwise reach its server (groups span pid namespaces)
+for _i in range(64):  # drop every capability: bounding set, then effective/permitted/inheritable, then ambient
+    if _lc.prctl(24, _U(_i), _U(0), _U(0), _U(0)) != 0:
+        break
+_ok(_lc.syscall(_U(int(_a[17])), ctypes.byref((ctypes.c_uint32 * 2)(0x20080522, 0)), (ctypes.c_uint32 * 6)()),
+    "capset")
+_lc.prctl(47, _U(4), _U(0), _U(0), _U(0))
+_bpf = bytes.fromhex(_job["bpf"])
+_as, _cpu, _np, _fs, _nf = _job["as"], _job["cpu"], _job["nproc"], _job["fsize"], _job["nofile"]
+del _job, _fds, _serve, _intermediate, _sk, _js, _se, _sg, _so, _st, _b64, _m, _i, _f
+"""
+
 _BOOTS = {
     "bwrap": _BOOT_HEAD + _BOOT_TAIL,
     "userns": _BOOT_HEAD + _BOOT_USERNS + _BOOT_TAIL,
     "uid": _BOOT_HEAD + _BOOT_UID + _BOOT_DEATH + _BOOT_TAIL,
     "rlimits": _BOOT_HEAD + _BOOT_DEATH + _BOOT_TAIL,
 }
+_BOOT_USERNS_SETUP = _BOOT_USERNS[:_BOOT_USERNS.index("for _i in range(64):  # drop every capability")]
+_BOOT_FORKSERVER = _BOOT_HEAD + _BOOT_USERNS_SETUP + _BOOT_SERVER + _BOOT_TAIL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -931,7 +1078,8 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
         memory_mb: int = MEMORY_MB, nproc: int = NPROC, isolation: str | None = None,
         max_output: int = MAX_OUTPUT, max_frame: int = MAX_FRAME, max_frames: int = MAX_FRAMES,
         max_channel: int = MAX_CHANNEL, seal: bool = False, on_frame: FrameHook | None = None,
-        _allow_fork: bool = False) -> ExecResult:
+        server: bool = False, preload: tuple[str, ...] = (), _allow_fork: bool = False,
+        _unsafe: tuple[str, ...] = ()) -> ExecResult:
     """Run `program` (Python source) in a fresh sandboxed interpreter; see the module docstring.
 
     `timeout` is the wall-clock budget of each phase; the program ends a phase by writing an empty frame on
@@ -939,8 +1087,10 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
     after the run. `isolation` forces a level (default: the detected one if strong or accepted, else
     IsolationError). `seal` forbids every way of leaving a trace (files, sockets, IPC). `on_frame(t, payload, size,
     phase)` sees each frame (arrival time, kept payload, true length, checkpoints before it) as it arrives while the
-    child runs; returning g (seconds) stops the run unless the phase ends within g (see the module docstring). `_allow_fork` drops the no-fork rule, only
-    for tests of the other defences."""
+    child runs; returning g (seconds) stops the run unless the phase ends within g (see the module docstring).
+    `server=True` (level "userns" only) runs it in a fork server's fresh child instead of a fresh interpreter (see
+    "Fork servers"); `preload` names the modules that server imports once. `_allow_fork` drops the no-fork rule and
+    `_unsafe` drops fork-server defences ("pidns", "tmpfs", "ipcns", "session"), only for tests of them."""
     if not timeout > 0 or not math.isfinite(timeout):
         raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
     if phases < 1:
@@ -950,6 +1100,13 @@ def run(program: str, *, timeout: float = 3.0, phases: int = 1, read_files: tupl
             raise ValueError(f"read_files entry {name!r}: expected a plain file name inside the working directory")
     level = _resolve(isolation)
     cpu = math.ceil(timeout * phases) + 1
+    if server:
+        if level != "userns":
+            raise ValueError(f"server=True needs isolation 'userns' (got {level!r})")
+        return _run_served(program, timeout=timeout, phases=phases, read_files=read_files, memory_mb=memory_mb,
+                           nproc=nproc, cpu=cpu, max_output=max_output, max_frame=max_frame, max_frames=max_frames,
+                           max_channel=max_channel, bpf=seccomp_filter(seal, allow_fork=_allow_fork),
+                           on_frame=on_frame, key=(tuple(preload), tuple(sorted(_unsafe))))
     base = tempfile.mkdtemp(prefix="pg-sandbox-")
     workdir = os.path.join(base, "work")
     uid = -1
@@ -1063,14 +1220,19 @@ def _kill(proc: subprocess.Popen, uid: int) -> None:
         _kill_uid(uid)
 
 
-def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, start: float, timeout: float,
+def _communicate(proc: subprocess.Popen | None, ch_r: int, ctl_w: int, data: bytes, start: float, timeout: float,
                  phases: int, max_output: int, max_frame: int, max_frames: int, max_channel: int,
-                 kill: Callable[[], None], on_frame: FrameHook | None = None) -> ExecResult:
+                 kill: Callable[[], None], on_frame: FrameHook | None = None,
+                 pipes: tuple[int, int, int] | None = None, exit_fd: int = -1) -> ExecResult:
     """Feed stdin, read stdout/stderr/channel until the child exits, a phase runs out of time or `on_frame` asks to
-    stop; ack checkpoints."""
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stop; ack checkpoints. Without `proc`: `pipes` are (stdin, stdout, stderr) fds (stdin is closed here once fed) and
+    `exit_fd` becomes readable when the run has ended (a fork server's socket)."""
+    if proc is not None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        pipes = (proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno())
+    assert pipes is not None
     sel = selectors.DefaultSelector()
-    out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out = {pipes[1]: bytearray(), pipes[2]: bytearray()}
     dropped = {fd: False for fd in out}
     frames: list[tuple[float, bytes]] = []
     sizes: list[int] = []
@@ -1089,11 +1251,14 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
     stop_by: float | None = None  # when the run stops unless the current phase ends first
     judging = on_frame is not None  # on_frame is consulted only while the child runs
     deadline = start + timeout
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        pidfd = -1  # no pidfd (old kernel): poll for the exit below, without reaping
-    stdin_fd, pos = proc.stdin.fileno(), 0
+    if proc is None:
+        pidfd = exit_fd
+    else:
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            pidfd = -1  # no pidfd (old kernel): poll for the exit below, without reaping
+    stdin_fd, pos = pipes[0], 0
     for fd in (*out, ch_r, stdin_fd, ctl_w):
         os.set_blocking(fd, False)
     for fd in out:
@@ -1205,10 +1370,14 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
                         pos = len(data)
                     if pos >= len(data):
                         sel.unregister(stdin_fd)
-                        proc.stdin.close()
+                        if proc is not None:
+                            proc.stdin.close()
+                        else:
+                            os.close(stdin_fd)
+                            stdin_fd = -1
                 elif not read_ready(key.fd, kind):
                     sel.unregister(key.fd)
-            if pidfd < 0 and not exited:
+            if pidfd < 0 and not exited and proc is not None:
                 exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         # Kill first, then drain: once nothing is left alive to write, every pipe reaches EOF.
         judging = False
@@ -1227,9 +1396,11 @@ def _communicate(proc: subprocess.Popen, ch_r: int, ctl_w: int, data: bytes, sta
             channel_error = f"bad frame: {len(head) + len(body)} trailing bytes of an unfinished frame"
     finally:
         sel.close()
-        if pidfd >= 0:
+        if pidfd >= 0 and proc is not None:
             os.close(pidfd)
-    fo, fe = proc.stdout.fileno(), proc.stderr.fileno()
+        if proc is None and stdin_fd >= 0:
+            os.close(stdin_fd)
+    fo, fe = pipes[1], pipes[2]
     return ExecResult(returncode=None, timed_out=timed_out, stdout=out[fo].decode("utf-8", "replace"),
                       stderr=out[fe].decode("utf-8", "replace"), stdout_truncated=dropped[fo], frames=frames,
                       checkpoints=checkpoints, channel_error=channel_error, frame_sizes=sizes,
@@ -1263,3 +1434,255 @@ def _remove(base: str) -> None:
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o700, follow_symlinks=False)
         shutil.rmtree(base)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fork servers ("userns" only): one pre-imported interpreter per server, in namespaces of its own, forking a fresh
+# child per program, one program at a time (see _BOOT_SERVER). A pool holds idle servers, keyed by what they
+# preload; a server is replaced after SERVER_JOBS programs, and at once when it dies, hangs or fails.
+
+class _ForkServer:
+    """One fork server: started (from a long-lived thread: its bootstrap dies with the thread that started it),
+    ready to take a job, or raises ServerError."""
+
+    def __init__(self, preload: tuple[str, ...]) -> None:
+        self.base = tempfile.mkdtemp(prefix="pg-forkserver-")
+        self.uid = -1
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.jobs = self.seq = 0
+        self.inner = -1  # the server's pid (pid 1 of its namespace), for tests
+        fds: list[int] = []
+        try:
+            os.chmod(self.base, 0o711)
+            work, root = os.path.join(self.base, "work"), os.path.join(self.base, "root")
+            os.mkdir(work, 0o700)
+            os.mkdir(root, 0o755)
+            if os.geteuid() == 0:
+                self.uid = _acquire_uid()
+                os.chown(work, self.uid, self.uid)
+            self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            fds.append(theirs.detach())
+            ctl_r, ctl_w = os.pipe()
+            fds += [ctl_r, ctl_w]
+            sync_r = sync_w = -1
+            if self.uid >= 0:
+                sync_r, sync_w = os.pipe()
+                fds += [sync_r, sync_w]
+            argv = [_python(), "-I", "-S", "-B", "-X", "utf8", "-c", _BOOT_FORKSERVER, str(LEVELS.index("userns")),
+                    str(fds[0]), str(ctl_r), str(sync_w), str(SANDBOX_UID), str(SANDBOX_UID), "0", "0", "0", "0", "0",
+                    str(os.getpid()), "", root, work, _userns_plan(), *map(str, _NR[platform.machine()]),
+                    str(TMPFS_MB << 20), ",".join(preload)]
+            passed = (fds[0], ctl_r) + ((sync_w,) if sync_w >= 0 else ())
+            with open(os.path.join(self.base, "stderr"), "wb") as err:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                             pass_fds=passed, start_new_session=True, cwd=work, close_fds=True,
+                                             env={"PATH": "/usr/bin:/bin"})
+            for fd in passed:
+                os.close(fd)
+                fds.remove(fd)
+            if sync_r >= 0:
+                _map_uid(self.proc, sync_r, ctl_w, self.uid)
+            ready, _, _ = select.select([self.sock], [], [], SETUP_TIMEOUT)
+            if not ready or self.sock.recv(16) != b"ready":
+                raise ServerError(f"fork server did not start: {self.last_error()}")
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                    self.inner = int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def last_error(self) -> str:
+        try:
+            with open(os.path.join(self.base, "stderr"), "rb") as f:
+                lines = f.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return (lines or ["no output"])[-1][:300]
+
+    def submit(self, header: dict, pipes: list[int]) -> None:
+        """Hand the server one job (OSError if it is gone)."""
+        assert self.sock is not None
+        self.seq += 1
+        self.jobs += 1
+        socket.send_fds(self.sock, [json.dumps({**header, "seq": self.seq}).encode()], pipes)
+
+    def kill_job(self) -> None:
+        """Ask for the running program to be killed (nothing to do once its report is waiting)."""
+        assert self.sock is not None
+        if not select.select([self.sock], [], [], 0)[0]:
+            try:
+                self.sock.send(b"k")
+            except OSError:
+                pass
+
+    def result(self, timeout: float) -> dict:
+        """The current job's report: {"st": exit code (negative: signal), "files": {name: base64}}; ServerError if the
+        server dies, fails or does not answer within `timeout`."""
+        assert self.sock is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                raise ServerError(f"fork server did not report within {timeout:g} s (replaced)")
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError as e:
+                raise ServerError(f"fork server connection failed: {e} (replaced)") from None
+            if not data:
+                raise ServerError("fork server died during the run (replaced)")
+            msg = json.loads(data)
+            if msg.get("seq") != self.seq:
+                continue
+            if "err" in msg:
+                raise ServerError(f"fork server failed: {msg['err']} (replaced)")
+            return msg
+
+    def close(self, graceful: bool = False) -> None:
+        """Stop the server and everything it started (graceful: let it exit on its own first, so its CPU time is
+        reaped into this process's children's)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            if graceful:
+                try:
+                    self.proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            _kill(self.proc, self.uid)
+            self.proc.wait()
+            self.proc = None
+        if os.path.isdir(self.base):
+            _remove(self.base)
+        if self.uid >= 0:
+            _release_uid(self.uid)
+            self.uid = -1
+
+
+_pool_lock = threading.Lock()
+_idle: dict[tuple, list[_ForkServer]] = {}
+_live: set[_ForkServer] = set()
+_spawner: ThreadPoolExecutor | None = None
+
+
+def _take_server(key: tuple) -> _ForkServer:
+    """An idle server for `key` (preload, unsafe), or a new one started from the spawner threads."""
+    global _spawner
+    with _pool_lock:
+        idle = _idle.get(key, [])
+        while idle:
+            srv = idle.pop()
+            if srv.proc is not None and srv.proc.poll() is None:
+                return srv
+            _live.discard(srv)
+            srv.close()
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=max(2, len(os.sched_getaffinity(0))),
+                                          thread_name_prefix="pg-forkserver")
+        spawner = _spawner
+    srv = spawner.submit(_ForkServer, key[0]).result()
+    with _pool_lock:
+        _live.add(srv)
+    return srv
+
+
+def _give_back(srv: _ForkServer, key: tuple, healthy: bool) -> None:
+    if healthy and srv.jobs < SERVER_JOBS:
+        with _pool_lock:
+            _idle.setdefault(key, []).append(srv)
+        return
+    with _pool_lock:
+        _live.discard(srv)
+    srv.close(graceful=healthy)
+
+
+def stop_servers() -> None:
+    """Stop every idle fork server and reap it (its CPU time then counts in this process's children's)."""
+    with _pool_lock:
+        servers = [srv for idle in _idle.values() for srv in idle]
+        _idle.clear()
+        _live.difference_update(servers)
+    for srv in servers:
+        srv.close(graceful=True)
+
+
+def server_pids() -> set[int]:
+    """Host pids of the live fork servers and their bootstraps (for tests that look for leftover processes)."""
+    with _pool_lock:
+        return {pid for srv in _live if srv.proc is not None for pid in (srv.proc.pid, srv.inner) if pid > 0}
+
+
+atexit.register(stop_servers)
+
+
+def _forget_servers() -> None:
+    """In a child forked from this process: the servers are the parent's (drop this copy of their sockets)."""
+    global _spawner
+    for srv in list(_live) + [srv for idle in _idle.values() for srv in idle]:
+        if srv.sock is not None:
+            srv.sock.close()
+            srv.sock = None
+        srv.proc = None
+        srv.uid = -1
+    _idle.clear()
+    _live.clear()
+    _spawner = None
+
+
+os.register_at_fork(after_in_child=_forget_servers)
+
+
+def _run_served(program: str, *, timeout: float, phases: int, read_files: tuple[str, ...], memory_mb: int,
+                nproc: int, cpu: int, max_output: int, max_frame: int, max_frames: int, max_channel: int,
+                bpf: bytes | None, on_frame: FrameHook | None, key: tuple) -> ExecResult:
+    """`run(server=True)`: the program runs in a fresh child of a fork server of the pool."""
+    start = time.monotonic()
+    header = {"as": memory_mb << 20, "cpu": cpu, "nproc": nproc + 2, "fsize": FSIZE_MB << 20, "nofile": NOFILE,
+              "bpf": "" if bpf is None else bpf.hex(), "files": list(read_files), "max_file": MAX_FILE,
+              "tmpfs": TMPFS_MB << 20, "unsafe": list(key[1])}
+    fds: list[int] = []
+    srv: _ForkServer | None = None
+    healthy = False
+    try:
+        pairs = [os.pipe() for _ in range(5)]  # stdin, stdout, stderr, channel, control
+        fds += [fd for pair in pairs for fd in pair]
+        theirs = [pairs[0][0], pairs[1][1], pairs[2][1], pairs[3][1], pairs[4][0]]
+        for attempt in range(2):  # an idle server may have died meanwhile: nothing ran yet, take another
+            srv = _take_server(key)
+            try:
+                srv.submit(header, theirs)
+                break
+            except OSError:
+                _give_back(srv, key, False)
+                srv = None
+                if attempt:
+                    raise
+        assert srv is not None
+        for fd in theirs:
+            os.close(fd)
+            fds.remove(fd)
+        ours = (pairs[0][1], pairs[1][0], pairs[2][0])
+        fds.remove(ours[0])  # _communicate closes stdin
+        res = _communicate(None, pairs[3][0], pairs[4][1], program.encode("utf-8", "surrogatepass"), start,
+                           timeout, phases, max_output, max_frame, max_frames, max_channel, srv.kill_job, on_frame,
+                           pipes=ours, exit_fd=srv.sock.fileno() if srv.sock is not None else -1)
+        reply = srv.result(SERVER_REPLY_S)
+        healthy = True
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if srv is not None:
+            _give_back(srv, key, healthy)
+    res.returncode = reply["st"]
+    res.files = {name: binascii.a2b_base64(v) for name, v in reply["files"].items()}
+    res.wall_s = time.monotonic() - start
+    res.isolation = "userns"
+    res.forkserver = True
+    return res
