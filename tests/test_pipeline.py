@@ -45,6 +45,7 @@ def test_pipeline_prints_summaries_and_every_job_shares_the_overrides(pipeline):
         cfg = json.loads((root / "runs" / f"{arm}_s41" / "config.json").read_text())
         assert cfg["optim"]["lr"] == 0.04 and cfg["steps"] == 8  # the extra flag reached every train job
         assert cfg["provenance"]["isolation"] and cfg["provenance"]["torch"]
+        assert cfg["provenance"]["grader_forkserver"] == (cfg["provenance"]["isolation"] == "userns")
     assert "| erase |" in stdout and (root / "report.tsv").exists()
     verdict = json.loads((root / "vhack" / "v_none_s41.verify.json").read_text())
     assert verdict["verdict"] in ("PASS", "FAIL") and verdict["line"]

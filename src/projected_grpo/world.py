@@ -132,11 +132,14 @@ def provenance(world: World | None, isolation_level: str | None) -> dict:
     """What produced a result: package and library versions, git commit, model id and weights hash, grader
     isolation, the device."""
     from projected_grpo import __version__
+    from projected_grpo.grader import use_forkserver
 
     out = {
         "projected_grpo": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": _version("transformers"), "isolation": isolation_level,
         "isolation_info": _isolation_info(),
+        # programs graded in fork servers (a pre-imported interpreter per server, a fresh child per program)
+        "grader_forkserver": use_forkserver(isolation_level, None) if isolation_level else None,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     if world is not None:
