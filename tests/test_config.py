@@ -127,3 +127,19 @@ def test_eval_out_pointing_at_a_file_is_refused_before_loading(tmp_path):
     f.write_text("x")
     out = _cli("eval", "--out", str(f), "--eval.problems", "builtin", cwd=str(tmp_path))
     assert out.returncode == 2 and "is a file" in out.stderr, out.stderr
+
+
+def test_no_forkserver_reaches_the_grader_and_the_provenance():
+    from projected_grpo import grader, world
+
+    cfg, _ = config.parse(["--preset", "fast-dev-run", "--no-forkserver"], "projected-grpo train", "")
+    assert cfg.forkserver is False and config.PRESETS["fast-dev-run"].forkserver is True
+    try:
+        level = world.isolation(True, cfg.forkserver)
+        assert not grader.use_forkserver(level, None)
+        assert world.provenance(None, level)["grader_forkserver"] is False
+        level = world.isolation(True, True)
+        assert grader.use_forkserver(level, None) == (level == "userns")
+        assert world.provenance(None, level)["grader_forkserver"] == (level == "userns")
+    finally:
+        grader.set_forkserver(True)

@@ -220,7 +220,8 @@ def main(argv: list[str]) -> int:
             saved = config.load_config_file(run)
             # the run's model, adapter and prompts; eval settings, workers and display flags from this command line
             cfg = dataclasses.replace(saved, eval=cfg.eval, workers=cfg.workers, progress=cfg.progress,
-                                      allow_weak_isolation=cfg.allow_weak_isolation, run_dir=str(run), out=cfg.out)
+                                      allow_weak_isolation=cfg.allow_weak_isolation, forkserver=cfg.forkserver,
+                                      run_dir=str(run), out=cfg.out)
         config.validate(cfg, "eval")
         e = cfg.eval
         out = Path(cfg.out or (run / "eval" if run else f"runs/eval_{Path(cfg.model.name).name}"))
@@ -233,7 +234,7 @@ def main(argv: list[str]) -> int:
         problems = P.builtin_problems() if e.problems == "builtin" else P.load_problems(problems_path)
         if e.n_problems:
             problems = problems[: e.n_problems]
-        level = world.isolation(cfg.allow_weak_isolation)
+        level = world.isolation(cfg.allow_weak_isolation, cfg.forkserver)
         loaded, knobs, fp = world.load_model(cfg)
         step = checkpoint.load_run_knobs(run, knobs, e.keep_quarantine, fp) if run else 0
     except (ValueError, RuntimeError) as err:  # bad settings, a refused sandbox level, a damaged checkpoint

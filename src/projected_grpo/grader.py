@@ -1215,6 +1215,12 @@ def resolve_workers(workers: int | None) -> int:
     return n
 
 
+def set_forkserver(on: bool) -> None:
+    """This process's default (`FORKSERVER`) for grade_batch(forkserver=None): the run commands' --[no-]forkserver."""
+    global FORKSERVER
+    FORKSERVER = bool(on)
+
+
 def use_forkserver(level: str, forkserver: bool | None) -> bool:
     """Whether programs run in fork servers at `level` (see grade_batch); ValueError if asked for where they cannot."""
     if forkserver is None:

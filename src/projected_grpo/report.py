@@ -61,7 +61,8 @@ ARM_COLORS: dict[str, str] = {
 """One fixed colour per arm, the same in every plot; arms not listed get `OTHER_COLOR`."""
 OTHER_COLOR = "#000000"
 
-PER_RUN_TOP = frozenset({"seed", "run_dir", "out_dir", "out", "preset", "provenance", "eval", "allow_weak_isolation"})
+PER_RUN_TOP = frozenset({"seed", "run_dir", "out_dir", "out", "preset", "provenance", "eval", "allow_weak_isolation",
+                         "forkserver"})
 """Top-level config fields that never make runs incomparable (the preset's name is shown, its settings compared)."""
 PER_RUN_LEAVES = frozenset({
     "progress", "log_rollouts", "checkpoint_every", "grade_workers", "workers", "cpu_threads", "report_to",

@@ -214,7 +214,7 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
     if d.world > cfg.grpo.prompts_per_step:
         raise ValueError(f"{d.world} ranks but prompts_per_step={cfg.grpo.prompts_per_step}: each rank needs at least "
                          "one prompt; raise --prompts-per-step or launch fewer processes")
-    isolation = world.isolation(cfg.allow_weak_isolation)  # refuses before any work where programs are not isolated
+    isolation = world.isolation(cfg.allow_weak_isolation, cfg.forkserver)  # refuses before any work where programs are not isolated
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     else:

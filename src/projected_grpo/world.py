@@ -88,11 +88,13 @@ def build(cfg: Config, problems: list[P.Problem] | None = None) -> World:
 # grading isolation and provenance
 
 
-def isolation(allow_weak: bool) -> str:
+def isolation(allow_weak: bool, forkserver: bool = True) -> str:
     """The grader's isolation level here (checked once per process). Refuses a level that does not keep programs
-    away from the data, the project and the network unless `allow_weak`."""
-    from projected_grpo import sandbox
+    away from the data, the project and the network unless `allow_weak`. `forkserver`: whether this process grades in
+    fork servers where the level allows (grader.set_forkserver)."""
+    from projected_grpo import grader, sandbox
 
+    grader.set_forkserver(forkserver)
     req = getattr(sandbox, "require_isolation", None)
     if req is not None:
         return req(allow_weak)
