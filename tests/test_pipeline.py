@@ -233,3 +233,42 @@ def test_template_disjoint_folds_show_the_teacher_one_half_and_build_V_from_the_
     assert len(folds) == 2  # and the reverse
     with pytest.raises(ValueError, match="two separate probes"):
         build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(template_disjoint=True, weak_detector=True))
+
+
+class _FakeJob:
+    """A started job that exits with `rc` after `polls` polls."""
+
+    def __init__(self, rc, polls):
+        self.rc, self.polls = rc, polls
+
+    def poll(self):
+        self.polls -= 1
+        return self.rc if self.polls < 0 else None
+
+
+def test_a_job_out_of_gpu_memory_beside_others_is_retried_with_one_fewer_side_by_side(tmp_path, monkeypatch):
+    cfg = PRESETS["fast-dev-run"]
+    jobs = experiment.plan([experiment.Job(n, "train", dataclasses.replace(cfg, run_dir=str(tmp_path / n)))
+                            for n in ("a", "b", "c", "d")])
+    # a runs long; b runs out of GPU memory beside it once; d runs out of memory even alone
+    script = {"a": [(0, 6)], "b": [(config.GPU_OOM_EXIT, 1), (0, 1)], "c": [(0, 1)], "d": [(config.GPU_OOM_EXIT, 1)]}
+    running, starts = set(), []
+
+    class Log:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            running.discard(self.name)
+
+    def start(root, j, slot, warm=False):
+        rc, polls = script[j.name].pop(0)
+        starts.append((j.name, len(running)))
+        running.add(j.name)
+        return _FakeJob(rc, polls), 0.0, Log(j.name)
+
+    monkeypatch.setattr(experiment, "_start", start)
+    status = experiment.run_jobs(tmp_path, jobs, [experiment.Slot("0", 1), experiment.Slot("0", 1)])
+    assert status == {"a": "done", "b": "done", "c": "done", "d": "failed"}
+    assert [n for n, _ in starts] == ["a", "b", "b", "c", "d"]  # b again, first in line
+    assert all(beside == 0 for _, beside in starts[2:])  # after the out-of-memory, one job at a time on that GPU

@@ -268,3 +268,11 @@ def test_teacher_rows_are_cut_to_the_students_budget():
     assert train.teacher_tokens(Tok(), "a b c", eos_id=99, max_new_tokens=5) == [0, 1, 2, 99]
     cut = train.teacher_tokens(Tok(), " ".join("x" * 1 for _ in range(12)), eos_id=99, max_new_tokens=5)
     assert cut == [0, 1, 2, 3, 4]  # no eos: trained like a truncated student completion
+
+
+def test_gpu_out_of_memory_has_its_own_exit_status(monkeypatch):
+    def oom(cfg, resume_dir=None):
+        raise train.GPUOutOfMemory("step 0: GPU out of memory in the backward pass; lower --micro-batch (now 8)")
+
+    monkeypatch.setattr(train, "train", oom)
+    assert train._main_run(PRESETS["fast-dev-run"], None) == config.GPU_OOM_EXIT != 1

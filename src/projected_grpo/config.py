@@ -347,6 +347,8 @@ class Config:
     """The preset this config started from (set by --preset; recorded in config.json)."""
 
 
+GPU_OOM_EXIT = 4
+"""train's exit status when the GPU ran out of memory: a sweep retries such a job with fewer jobs side by side."""
 VERIFY_FAIL_EXIT = 3
 """verify-vhack's exit status for a FAIL verdict: it ran and V did not pass (a result the pipeline reports and goes on
 from; 1 and 2 are errors)."""

@@ -290,6 +290,16 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     continue
                 log.close()
                 del running[name]
+                beside = [n for n, r in running.items() if slots[r[3]].gpu == slots[slot_i].gpu]
+                if rc == config.GPU_OOM_EXIT and beside and by_name[name].command == "train":
+                    # out of GPU memory next to other jobs: retire this slot (one fewer side by side on that GPU
+                    # from now on) and run the job again, resuming, once a slot is free
+                    todo.insert(0, by_name[name])
+                    _write_status(root, name, "pending")
+                    left = sum(slots[i].gpu == slots[slot_i].gpu for i in free) + len(beside)
+                    bar.write(f"  ↻ {name} ran out of GPU memory beside {len(beside)} other job(s) on GPU "
+                              f"{slots[slot_i].gpu}: retrying it; {left} side by side there from now on")
+                    continue
                 free.append(slot_i)
                 # a FAIL verdict of verify-vhack is a result (the report's V column), not a failed job
                 v_fail = by_name[name].command == "verify-vhack" and rc == config.VERIFY_FAIL_EXIT

@@ -51,6 +51,10 @@ ProjectionHook = Callable[[int, dict[str, SVDKnob], dict[str, Tensor], dict[str,
 PostStepHook = Callable[[int, dict[str, SVDKnob], torch.optim.Optimizer, dict[str, Tensor], dict[str, Tensor]],
                         dict[str, float]]
 
+class GPUOutOfMemory(RuntimeError):
+    """The GPU ran out of memory in a step (the message says which setting to lower)."""
+
+
 TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step", "gpu_peak_gb")
 """Per-step measurements of the machine, not of the run (left out when runs are compared for reproducibility)."""
 
@@ -380,7 +384,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                 backward_pass(model, knobs, t_ids, t_attn, t_mask, t_np, t_adv, g, denom, totals, "teacher", step)
             g_t = _grads(knobs)
         except torch.cuda.OutOfMemoryError as e:
-            raise RuntimeError(f"step {step}: GPU out of memory in the backward pass; lower --micro-batch (now "
+            raise GPUOutOfMemory(f"step {step}: GPU out of memory in the backward pass; lower --micro-batch (now "
                                f"{g.micro_batch}) or pass --model.gradient-checkpointing") from e
         g_s, g_t = distributed.sum_grads(d, g_s), distributed.sum_grads(d, g_t)  # every rank: the whole step's g
         _check_finite(step, g_s, "student")
@@ -475,7 +479,7 @@ def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: in
                                    top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed,
                                    engine=g.engine)
     except torch.cuda.OutOfMemoryError as e:
-        raise RuntimeError(f"step {step}: GPU out of memory while generating; lower --prompts-per-step or "
+        raise GPUOutOfMemory(f"step {step}: GPU out of memory while generating; lower --prompts-per-step or "
                            "--group-size or --max-new-tokens") from e
     ids = roll.completions()
     text = [w.tokenizer.decode(_strip_eos(c, w.loaded.eos_ids), skip_special_tokens=True) for c in ids]
@@ -648,6 +652,9 @@ def _main_run(cfg: Config, resume_dir: Path | None) -> int:
     except (ValueError, checkpoint.RunLocked) as e:
         logger.error(str(e))
         return 2
+    except GPUOutOfMemory as e:  # its own status: a sweep retries it with fewer jobs beside it
+        logger.error(str(e))
+        return config.GPU_OOM_EXIT
     except (FloatingPointError, RuntimeError) as e:
         logger.error(str(e))
         return 1
