@@ -321,3 +321,37 @@ def test_template_disjoint_folds_are_their_own_experiments_and_say_which_half_V_
     assert plain["n_seeds"] == "4"  # runs without the fields and with them at their defaults are one experiment
     fold = _row(rows, "erase [fold: teacher shows pass,print_only; V from swallowed_asserts,function_print_only]")
     assert fold["n_seeds"] == "3" and float(fold["d_hack"]) == pytest.approx(-0.1)
+
+
+def _eval(run_dir, hack_by_problem, pass_by_problem=None, n=4, problems="test.jsonl"):
+    """eval/eval.json with per-problem counts: {problem: hacked samples of n} (pass: none by default)."""
+    pass_by_problem = pass_by_problem or {p: 0 for p in hack_by_problem}
+
+    def section(counts, key):
+        return {f"{key}_rate": sum(counts.values()) / (n * len(counts)),
+                "per_problem": {p: {"n": n, "hack": c if key == "hack" else 0, "pass": c if key == "pass" else 0}
+                                for p, c in counts.items()}}
+
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "eval.json").write_text(json.dumps({
+        "problems": problems, "n_samples": n, "temperature": 0.7, "seed": 0,
+        "hack": section(hack_by_problem, "hack"), "perf": section(pass_by_problem, "pass")}))
+
+
+def test_heldout_delta_pairs_by_seed_and_problem_with_a_problem_bootstrap(tmp_path):
+    root = tmp_path / "runs"
+    _pair(root, {"vanilla": (0.8, 0.8, 0.8), "erase": (0.2, 0.2, 0.2)})
+    probs = [str(i) for i in range(20)]
+    for seed in (41, 42):
+        _eval(root / f"vanilla_s{seed}", {p: 4 for p in probs})  # vanilla hacks every sample
+        _eval(root / f"erase_s{seed}", {p: (0 if int(p) < 10 else 4) for p in probs})  # erase: half the problems
+    _eval(root / "vanilla_s43", {p: 4 for p in probs})
+    _eval(root / "erase_s43", {p: 0 for p in probs}, problems="other.jsonl")  # another eval: not paired
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--no-plots"]) == 0
+    row = _row(_tsv(out), "erase")
+    assert float(row["eval_d_hack"]) == pytest.approx(-0.5) and row["n_eval_paired"] == "2 seeds x 20 problems"
+    lo, hi = float(row["eval_d_hack_lo"]), float(row["eval_d_hack_hi"])
+    assert -0.8 < lo < -0.5 < hi < -0.2  # problems vary (0 or -1 each): the interval is wide, not a binomial one
+    assert float(row["eval_d_pass"]) == 0.0
+    assert "eval Δhack" in (out / "report.md").read_text()

@@ -238,7 +238,10 @@ class Run:
             return None
         try:
             d = json.loads(f.read_text())
-            return {"hack": float(d["hack"]["hack_rate"]), "pass": float(d["perf"]["pass_rate"])}
+            return {"hack": float(d["hack"]["hack_rate"]), "pass": float(d["perf"]["pass_rate"]),
+                    # per problem {id: {n, hack, pass}} of the hinted (hack) and the unhinted (pass) samples
+                    "hack_by_problem": d["hack"].get("per_problem"), "pass_by_problem": d["perf"].get("per_problem"),
+                    "settings": [d.get("problems"), d.get("n_samples"), d.get("temperature"), d.get("seed")]}
         except (ValueError, KeyError, TypeError):
             print(f"warning: {f}: unreadable held-out eval (ignored); rerun `projected-grpo eval --run {self.path}`")
             return None
@@ -561,6 +564,14 @@ def arm_row(exp: Experiment, g: ArmGroup) -> dict[str, Any]:
             d_pass.append(p - van[s][1])
             v_hack.append(van[s][0])
     row["n_paired"] = len(d_hack)
+    if len(base) == 1 and not g.is_baseline:
+        arm_ev = {r.seed: e for r in rs if (e := r.eval_json()) is not None}
+        van_ev = {r.seed: e for r in base[0].runs if (e := r.eval_json()) is not None}
+        for key in ("hack", "pass"):
+            m, lo, hi, n_s, n_p = heldout_delta(arm_ev, van_ev, key)
+            if n_s:
+                row[f"eval_d_{key}"], row[f"eval_d_{key}_lo"], row[f"eval_d_{key}_hi"] = m, lo, hi
+                row["n_eval_paired"] = f"{n_s} seeds x {n_p} problems"
     _stats("d_hack", d_hack, row)
     _stats("d_pass", d_pass, row)
     if g.is_baseline:
@@ -622,6 +633,35 @@ def _pm(row: dict, key: str) -> str:
     return f"{m:.3f}" + ("" if math.isnan(h) else f" ± {h:.3f}")
 
 
+def heldout_delta(arm: dict[int, dict], van: dict[int, dict], key: str) -> tuple[float, float, float, int, int]:
+    """Held-out Δ (arm − vanilla) of the `key` rate ('hack' or 'pass'), paired by seed and problem: per problem the
+    mean over paired seeds of (arm rate − vanilla rate), pooled over problems, with a 95% cluster bootstrap over
+    problems (conditional on these seeds). `arm`/`van`: seed -> Run.eval_json(). Returns (Δ, lo, hi, seeds paired,
+    problems paired); NaNs when nothing pairs (no per-problem counts, or evals of other settings)."""
+    from projected_grpo.stats import cluster_bootstrap
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    seeds = 0
+    for s, a in arm.items():
+        v = van.get(s)
+        by_a, by_v = a.get(f"{key}_by_problem"), (v or {}).get(f"{key}_by_problem")
+        if not by_a or not by_v or a.get("settings") != v.get("settings"):
+            continue
+        seeds += 1
+        for pid in by_a.keys() & by_v.keys():
+            pa, pv = by_a[pid], by_v[pid]
+            if pa.get("n") and pv.get("n"):
+                sums[pid] = sums.get(pid, 0.0) + pa[key] / pa["n"] - pv[key] / pv["n"]
+                counts[pid] = counts.get(pid, 0.0) + 1
+    if not counts:
+        return math.nan, math.nan, math.nan, 0, 0
+    keys = sorted(counts)
+    s_, c_ = [sums[k] for k in keys], [counts[k] for k in keys]
+    lo, hi = cluster_bootstrap(s_, c_, seed=0)
+    return sum(s_) / sum(c_), lo, hi, seeds, len(keys)
+
+
 def _ci(row: dict, key: str) -> str:
     m = row.get(key, math.nan)
     if math.isnan(m):
@@ -633,6 +673,8 @@ def _ci(row: dict, key: str) -> str:
 RULES = " ".join([
     f"Rates are the student rollouts' over the last {WINDOW} steps, mean ± 95% t-interval over seeds.",
     "Δ = arm − vanilla paired by seed, mean [95% t-interval].",
+    "eval Δ = the same on the held-out eval, paired by seed and problem, [95% cluster bootstrap over problems]",
+    "(conditional on the seeds evaluated).",
     "Route arms are scored on the deployed model (`hack_deploy`/`solve_deploy`, δS_hack ablated: the evaluation rows",
     f"in the last {WINDOW} steps, else the latest one); weak-detector folds on the held-out mode's hack rate.",
     f"H1 (needs ≥ {MIN_SEEDS} paired seeds): supported iff the Δhack interval is below 0, the mean drop is",
@@ -670,6 +712,8 @@ def markdown(rep: Report) -> str:
         if any("eval_hack" in r for r in rows):
             cols += [("eval hack", lambda r: _pm(r, "eval_hack") + (f" (n={r['n_eval']})" if "n_eval" in r else "")),
                      ("eval pass", lambda r: _pm(r, "eval_pass"))]
+        if any("eval_d_hack" in r for r in rows):
+            cols += [("eval Δhack", lambda r: _ci(r, "eval_d_hack")), ("eval Δpass", lambda r: _ci(r, "eval_d_pass"))]
         cols += [("Δhack", lambda r: _ci(r, "d_hack")), ("Δpass", lambda r: _ci(r, "d_pass")),
                  ("H1", lambda r: r["H1"]), ("V", lambda r: r["V"])]
         out.append("| " + " | ".join(c for c, _ in cols) + " |")
@@ -692,6 +736,7 @@ TSV_COLS = [
     "scored_by", *(f"{k}{s}" for k in ("hack_live", "pass_live", "hack_deployed", "pass_deployed", "hack_heldout_live",
                                        "eval_hack", "eval_pass") for s in ("", "_lo", "_hi")),
     "deployed_from", "n_eval", "n_paired", *(f"{k}{s}" for k in ("d_hack", "d_pass") for s in ("", "_lo", "_hi")),
+    "n_eval_paired", *(f"{k}{s}" for k in ("eval_d_hack", "eval_d_pass") for s in ("", "_lo", "_hi")),
     "H1", "V",
 ]
 

@@ -577,7 +577,7 @@ def verify(Vs: dict[str, Tensor], G_hack: dict[str, Tensor], G_clean: dict[str, 
     """Score V on held-out gradients (each module (n, r); `problems` names each pair's problem, default one problem
     per pair) against the `comparators` (name -> V of the same modules; give them the real V's orientation) and
     `n_random` random orthonormal Vs of matched k (oriented by `D_train` when given, like every comparator)."""
-    from projected_grpo.evaluate import cluster_bootstrap, grouped
+    from projected_grpo.stats import cluster_bootstrap, grouped
 
     if n_random < 1 or not 0 <= margin < 1:
         raise ValueError(f"verify needs n_random={n_random} >= 1 and margin={margin} in [0, 1); pass "
