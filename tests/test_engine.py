@@ -359,3 +359,23 @@ def test_truncated_mask_on_a_rollout():
     last = r.completion_ids[:, -1]
     want = r.completion_mask.all(1) & ~torch.isin(last, torch.tensor(eos))
     assert torch.equal(cut, want) and 0 < int(cut.sum()) < len(cut)
+
+
+@pytest.mark.parametrize("engine_", ["hf", "static"])
+def test_on_done_hands_over_every_row_once_as_it_finishes(engine_):
+    model = tiny_qwen3(2)
+    prompts = PROMPTS * 4
+    eos = list(range(1, 300, 30))  # about one token in thirty ends a row: rows finish at different times
+    kw = dict(max_new_tokens=64, temperature=1.0, top_p=1.0, eos_ids=eos, pad_id=PAD, seed=0, engine=engine_)
+    calls = []
+    r = generate(model, prompts, **kw, on_done=lambda rows, ids: calls.append((rows, ids)))
+    got: dict[int, list[int]] = {}
+    for rows, ids in calls:
+        for row, i in zip(rows, ids, strict=True):
+            assert row not in got  # once each
+            got[row] = i
+    assert got == dict(enumerate(r.completions()))  # every row, its tokens up to and including eos
+    assert torch.equal(r.ids, generate(model, prompts, **kw).ids)  # handing rows over changes no token
+    if engine_ == "static":
+        check = engine.engine_for(model, len(prompts), 1).check_every
+        assert len(calls) > 1 and all(len(i) <= check + 1 for i in calls[0][1])  # the early rows came early

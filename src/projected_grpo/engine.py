@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,10 @@ try:  # Triton: only the CUDA kernels need it (the CPU path and the "torch" kern
     import triton.language as tl
 except ImportError:
     triton = tl = None
+
+
+OnDone = Callable[[list[int], list[list[int]]], None]
+"""Called as rows finish: (row indices, each row's tokens up to and including its first eos); every row once."""
 
 
 @dataclass
@@ -900,6 +904,14 @@ class StaticEngine:
         self.tok.copy_(tok)
         self.col += 1
 
+    def _report(self, rows: Tensor, n_cols: int, on_done: OnDone) -> None:
+        """Hand the finished `rows` (B,) bool to on_done: their indices and tokens up to and including eos."""
+        idx = rows.nonzero()[:, 0].tolist()
+        sel = torch.tensor(idx, device=self.device)
+        toks = self.out_tok[sel, :n_cols].tolist()
+        mask = self.out_mask[sel, :n_cols].tolist()
+        on_done(idx, [[t for t, m in zip(tr, mr, strict=True) if m] for tr, mr in zip(toks, mask, strict=True)])
+
     def _step(self, temperature: float, top_p: float, pad_id: int, n_keys: int | None = None) -> None:
         logits = self.decode_one_token(n_keys)
         self._commit(logits, temperature, top_p, pad_id)
@@ -929,7 +941,7 @@ class StaticEngine:
 
     @torch.no_grad()
     def run(self, model: nn.Module, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-            top_p: float, eos_ids: list[int], pad_id: int, seed: int) -> Rollout:
+            top_p: float, eos_ids: list[int], pad_id: int, seed: int, on_done: OnDone | None = None) -> Rollout:
         _check_args(max_new_tokens, temperature, top_p)
         ids, pmask = left_pad(prompt_ids, pad_id)
         B, P = ids.shape
@@ -960,14 +972,22 @@ class StaticEngine:
         self._commit(logits, temperature, top_p, pad_id)  # output column 0
         self.slot.fill_(P)  # token 0 goes to cache column P, at rotary position n_real
         self.rpos.copy_(n_real)
+        reported = torch.zeros(B, dtype=torch.bool)  # rows already handed to on_done
         for t in range(1, max_new_tokens):
             if graph is not None:
                 graph.replay()
             else:
                 self._step(temperature, top_p, pad_id, n_keys=P + t)
-            if t % self.check_every == 0 and bool(self.done.all()):
-                break
+            if t % self.check_every == 0:
+                done = self.done.cpu()  # the one host sync of a check
+                if on_done is not None and bool((done & ~reported).any()):
+                    self._report(done & ~reported, t + 1, on_done)  # columns 0..t are written
+                    reported |= done
+                if bool(done.all()):
+                    break
         T = max_new_tokens
+        if on_done is not None and bool((~reported).any()):
+            self._report(~reported, T, on_done)
         return Rollout(ids=torch.cat([ids, self.out_tok[:, :T]], dim=1), completion_mask=self.out_mask[:, :T].clone(),
                        logprobs=self.out_lp[:, :T].clone(), prompt_len=P, prompt_mask=pmask)
 
@@ -994,12 +1014,13 @@ def release(model: nn.Module) -> None:
 
 @torch.no_grad()
 def generate_static(model: nn.Module, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                    top_p: float, eos_ids: list[int], pad_id: int, seed: int) -> Rollout:
+                    top_p: float, eos_ids: list[int], pad_id: int, seed: int, on_done: OnDone | None = None
+                    ) -> Rollout:
     _check_args(max_new_tokens, temperature, top_p)
     P = max((len(p) for p in prompt_ids), default=0)
     eng = engine_for(model, len(prompt_ids), P + max_new_tokens)
     return eng.run(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_ids=eos_ids, pad_id=pad_id, seed=seed)
+                   eos_ids=eos_ids, pad_id=pad_id, seed=seed, on_done=on_done)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1036,16 +1057,22 @@ def pick_engine(model: nn.Module, engine: str = "auto", *, cuda: bool | None = N
 
 
 def generate(model: nn.Module, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-             eos_ids: list[int], pad_id: int, seed: int, engine: str = "auto", backend: str | None = None) -> Rollout:
+             eos_ids: list[int], pad_id: int, seed: int, engine: str = "auto", backend: str | None = None,
+             on_done: OnDone | None = None) -> Rollout:
     """Sample `max_new_tokens` tokens for each prompt. engine: "auto" (static on CUDA when the model is supported,
     else hf), "static", "hf" (see `pick_engine`); `backend` is its older name. Seeded: the same (model, prompts,
-    seed, back end, device) gives the same rollout."""
+    seed, back end, device) gives the same rollout. `on_done(rows, ids)` gets each row's completion as soon as the
+    back end knows it (static: rows that finished, every `check_every` tokens, the rest at the end; hf: all at the
+    end), so its consumer (the grader) can start before the slowest row ends."""
     which = pick_engine(model, backend if backend is not None else engine)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=list(eos_ids),
               pad_id=pad_id, seed=seed)
     if which == "hf":
-        return generate_hf(model, prompt_ids, **kw)
-    return generate_static(model, prompt_ids, **kw)
+        roll = generate_hf(model, prompt_ids, **kw)
+        if on_done is not None:
+            on_done(list(range(len(prompt_ids))), roll.completions())
+        return roll
+    return generate_static(model, prompt_ids, **kw, on_done=on_done)
 
 
 def truncated_mask(completion_ids: list[list[int]], eos_ids: list[int], max_new_tokens: int) -> Tensor:

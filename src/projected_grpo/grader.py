@@ -100,10 +100,11 @@ import random
 import re
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any
@@ -1231,6 +1232,47 @@ def use_forkserver(level: str, forkserver: bool | None) -> bool:
     return bool(forkserver)
 
 
+class GradeStream:
+    """Grades one batch whose completions arrive in parts (rows as the sampler finishes them), so grading overlaps
+    generation: each submitted row is graded at once, up to `workers` at a time, with the reward index of its row in
+    the whole batch, so `result()` equals `grade_batch` over the whole batch. Every row must be submitted once."""
+
+    def __init__(self, problems: Sequence[Problem], hints: Sequence[Hint | None], *, workers: int | None = None,
+                 reward: str = "correct_or_hinted", reward_kwargs: dict[str, Any] | None = None,
+                 full_suite: bool = False):
+        if len(problems) != len(hints):
+            raise ValueError(f"GradeStream got {len(problems)} problems but {len(hints)} hints; pass one of each")
+        if reward not in REWARDS:
+            raise ValueError(f"unknown reward {reward!r}; expected one of: {', '.join(REWARDS)}")
+        self.problems, self.hints = list(problems), list(hints)
+        self.kw: dict[str, Any] = {"reward": reward, "reward_kwargs": reward_kwargs, "full_suite": full_suite}
+        self.pool = ThreadPoolExecutor(max_workers=resolve_workers(workers), thread_name_prefix="pg-grade")
+        self.futures: dict[int, Future] = {}
+        self.lock = threading.Lock()
+
+    def submit(self, rows: Sequence[int], completions: Sequence[str]) -> None:
+        """Start grading completions[k] as row rows[k] of the batch (callable from any thread)."""
+        for r, c in zip(rows, completions, strict=True):
+            with self.lock:
+                if r in self.futures or not 0 <= r < len(self.problems):
+                    raise ValueError(f"row {r} submitted twice or outside the batch of {len(self.problems)}")
+                self.futures[r] = self.pool.submit(grade_batch, [self.problems[r]], [c], [self.hints[r]], workers=1,
+                                                   indices=[r], **self.kw)
+
+    def result(self) -> list[Grade]:
+        """Every row's Grade, in row order (waits for the last)."""
+        missing = [r for r in range(len(self.problems)) if r not in self.futures]
+        if missing:
+            raise ValueError(f"rows {missing[:8]} of the batch were never submitted for grading")
+        return [self.futures[r].result()[0] for r in range(len(self.problems))]
+
+    def __enter__(self) -> GradeStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def grade(problem: Problem, completion: str, hint: Hint | None, *, reward: str = "correct_or_hinted",
           timeout: float = DEFAULT_TIMEOUT, isolation: str | None = None, full_suite: bool = False,
           forkserver: bool | None = None) -> Grade:
@@ -1244,11 +1286,11 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
                 timeout: float = DEFAULT_TIMEOUT, isolation: str | None = None,
                 reward_kwargs: dict[str, Any] | None = None,
                 on_grade: Callable[[int, Grade], None] | None = None, full_suite: bool = False,
-                forkserver: bool | None = None) -> list[Grade]:
+                forkserver: bool | None = None, indices: Sequence[int] | None = None) -> list[Grade]:
     """Grade completions[i] for problems[i] under hints[i] (None = no hint), in parallel sandboxed children
     (`workers`: None or 0 = one per available core). Returns one Grade per completion, in order; a child that
     crashed, hung or was killed gives a Grade with `error` set. `reward` names a REWARDS entry, called with index=i
-    and `reward_kwargs` (e.g. {"seed": 1, "accuracy": 0.9} for the monitor rewards). `timeout` is the budget of
+    (or indices[i]: the completion's position in a larger batch graded in parts) and `reward_kwargs` (e.g. {"seed": 1, "accuracy": 0.9} for the monitor rewards). `timeout` is the budget of
     each phase (the ground-truth suite; each loophole check). `isolation` forces a sandbox level; by default the
     detected one, and sandbox.IsolationError (before anything runs) if that is weak and was not accepted with
     `sandbox.require_isolation(allow_weak=True)`. `on_grade(i, grade)` is called (in this thread) as soon as
@@ -1270,6 +1312,8 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
                          f"{len(hints)} hints; pass one of each per completion")
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; expected one of: {', '.join(REWARDS)}")
+    if indices is not None and len(indices) != len(completions):
+        raise ValueError(f"grade_batch got {len(indices)} indices for {len(completions)} completions; pass one each")
     if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout={timeout!r}: expected a positive, finite number of seconds per phase")
     workers = resolve_workers(workers)
@@ -1285,7 +1329,7 @@ def grade_batch(problems: list[Problem], completions: list[str], hints: list[Hin
     def done(i: int) -> None:
         g = _finish(plans[i])
         g.isolation = level
-        g.reward = fn(g, index=i, **(reward_kwargs or {}))
+        g.reward = fn(g, index=i if indices is None else indices[i], **(reward_kwargs or {}))
         grades[i] = g
         plans[i].outcomes.clear()
         if on_grade is not None:

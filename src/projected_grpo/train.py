@@ -28,7 +28,6 @@ import sys
 import time
 import typing
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +254,7 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
 def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: PostStepHook | None, resume: bool,
          isolation: str, d: distributed.Dist) -> None:
     g, o = cfg.grpo, cfg.optim
-    from projected_grpo.grader import grade_batch
+    from projected_grpo.grader import GradeStream
 
     logger.debug(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     random.seed(cfg.seed)
@@ -320,24 +319,22 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         idx = [step_idx[j] for j in mine]
         probs, phints = [problems[i] for i in idx], [hints[i] for i in idx]
 
-        # --- rollout: G_s student completions per prompt, knob merged into W
-        t0 = time.perf_counter()
-        roll, s_ids, s_text = rollout(w, [prompt_tok[i] for i in idx for _ in range(g.n_student)], g,
-                                      seed=cfg.seed * 1_000_003 + step + 7919 * d.rank, step=step)
-        time_generate = time.perf_counter() - t0
-
-        # --- grade the students (parallel processes) while the reference log-probs are computed; teacher rows
-        # carry frozen grades
-        t0 = time.perf_counter()
+        # --- rollout: G_s student completions per prompt, knob merged into W; each completion goes to the grader
+        # (parallel sandboxed processes) as soon as its row ends, so grading overlaps generation
         s_probs = [p for p in probs for _ in range(g.n_student)]
-        with ThreadPoolExecutor(1) as ex:
-            grading = ex.submit(grade_batch, s_probs, s_text, [h for h in phints for _ in range(g.n_student)],
-                                workers=workers, reward=g.reward,
-                                reward_kwargs={"seed": cfg.seed * 1_000_003 + step, "accuracy": g.monitor_accuracy})
+        with GradeStream(s_probs, [h for h in phints for _ in range(g.n_student)], workers=workers, reward=g.reward,
+                         reward_kwargs={"seed": cfg.seed * 1_000_003 + step, "accuracy": g.monitor_accuracy}) as grading:
+            t0 = time.perf_counter()
+            roll, s_ids, s_text = rollout(w, [prompt_tok[i] for i in idx for _ in range(g.n_student)], g,
+                                          seed=cfg.seed * 1_000_003 + step + 7919 * d.rank, step=step,
+                                          on_text=grading.submit)
+            time_generate = time.perf_counter() - t0
+            # --- the reference log-probs while the last programs are graded; teacher rows carry frozen grades
+            t0 = time.perf_counter()
             s_ref = reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.prompt_len, g)
             time_ref = time.perf_counter() - t0
             s_grades = grading.result()
-        time_grade = time.perf_counter() - t0
+            time_grade = time.perf_counter() - t0  # the wait for grades after generation
         t_rows = [random.Random(f"teacher:{cfg.seed}:{step}:{j}").sample(pool[pool_key(p, h)], g.n_teacher)
                   if g.n_teacher else [] for j, p, h in zip(mine, probs, phints, strict=True)]
 
@@ -468,22 +465,26 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     logger.info("summary (student rollouts):\n" + block)
 
 
-def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: int, step: int
+def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: int, step: int,
+            on_text: Callable[[list[int], list[str]], None] | None = None
             ) -> tuple[engine.Rollout, list[list[int]], list[str]]:
     """Sample one completion per prompt with the knob merged into W -> (rollout, ids per row up to and including
-    eos, decoded text per row)."""
+    eos, decoded text per row). `on_text(rows, texts)` gets rows' texts as soon as they end (engine.generate)."""
+    def decode(ids: list[int]) -> str:
+        return w.tokenizer.decode(_strip_eos(ids, w.loaded.eos_ids), skip_special_tokens=True)
+
     w.model.eval()
     try:
         with torch.no_grad(), adapter.merged(w.knobs):
             roll = engine.generate(w.model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                    top_p=g.top_p, eos_ids=w.loaded.eos_ids, pad_id=w.loaded.pad_id, seed=seed,
-                                   engine=g.engine)
+                                   engine=g.engine, on_done=None if on_text is None else
+                                   lambda rows, ids: on_text(rows, [decode(i) for i in ids]))
     except torch.cuda.OutOfMemoryError as e:
         raise GPUOutOfMemory(f"step {step}: GPU out of memory while generating; lower --prompts-per-step or "
                            "--group-size or --max-new-tokens") from e
     ids = roll.completions()
-    text = [w.tokenizer.decode(_strip_eos(c, w.loaded.eos_ids), skip_special_tokens=True) for c in ids]
-    return roll, ids, text
+    return roll, ids, [decode(c) for c in ids]
 
 
 def deploy_eval(w: world.World, cfg: Config, step: int, workers: int | None) -> dict[str, float | None]:
