@@ -680,8 +680,9 @@ exec(compile(_src, "<program>", "exec"), {"__name__": "__main__", "__builtins__"
 # which enters fresh mount, pid, ipc and network namespaces, mounts fresh tmpfs on /sandbox, /tmp and /dev/shm, forks the
 # program's process (pid 1 there), waits for it (or a kill request on the socket), reads the requested files back
 # from its /sandbox and hands its report (exit status, files) to the server, which sends it once the intermediate is
-# reaped (with it the job's namespaces and tmpfs are gone: their teardown is the job's cost, not the next one's). The program's process mounts a fresh /proc, keeps only its five
-# pipes, drops every capability and goes on as a fresh bootstrap does (_BOOT_TAIL). No byte of a program ever enters
+# reaped (with it the job's namespaces and tmpfs are gone: their teardown is the job's cost, not the next one's). The
+# program's process mounts a fresh /proc, keeps only its five pipes, drops every capability and goes on as a fresh
+# bootstrap does (_BOOT_TAIL). No byte of a program ever enters
 # the server or the intermediate (the program reads it from its own stdin), so no later program can find one.
 _BOOT_SERVER = """\
 import json as _js, select as _se, signal as _sg, socket as _so, stat as _st
