@@ -127,6 +127,7 @@ MAX_CHANNEL = 64 << 20  # bytes read from the channel per run
 FRAME_PREFIX = 256  # bytes kept of a frame over max_frame
 MAX_FILE = 64 * 1024  # bytes read back of each requested file
 TMPFS_MB = 16  # size of /tmp and /dev/shm inside the namespaces
+TMPFS_INODES = 16384  # files (and links) each fork-server job's tmpfs holds: bounds what its teardown costs
 SETUP_TIMEOUT = 30.0  # seconds the "userns" bootstrap may take to ask for its uid map
 SERVER_JOBS = 64  # programs one fork server runs before it is replaced (and with it its hash seed)
 SERVER_REPLY_S = 10.0  # seconds a fork server may take to report a run whose program ended or was killed
@@ -678,8 +679,10 @@ exec(compile(_src, "<program>", "exec"), {"__name__": "__main__", "__builtins__"
 # the socket at fd 3 with the run's five pipes: stdin, stdout, stderr, channel, control) it forks an intermediate,
 # which enters fresh mount, pid, ipc and network namespaces, mounts fresh tmpfs on /sandbox, /tmp and /dev/shm, forks the
 # program's process (pid 1 there), waits for it (or a kill request on the socket), reads the requested files back
-# from its /sandbox and answers with its exit status. The program's process mounts a fresh /proc, keeps only its five
-# pipes, drops every capability and goes on as a fresh bootstrap does (_BOOT_TAIL). No byte of a program ever enters
+# from its /sandbox and hands its report (exit status, files) to the server, which sends it once the intermediate is
+# reaped (with it the job's namespaces and tmpfs are gone: their teardown is the job's cost, not the next one's). The
+# program's process mounts a fresh /proc, keeps only its five pipes, drops every capability and goes on as a fresh
+# bootstrap does (_BOOT_TAIL). No byte of a program ever enters
 # the server or the intermediate (the program reads it from its own stdin), so no later program can find one.
 _BOOT_SERVER = """\
 import json as _js, select as _se, signal as _sg, socket as _so, stat as _st
@@ -711,17 +714,33 @@ def _serve():
                 os.close(f)
             continue
         job = _js.loads(msg)
+        rp, wp = os.pipe()
         i = os.fork()
         if i == 0:
-            c = _intermediate(job, fds)
+            os.close(rp)
+            c = _intermediate(job, fds, wp)
             if c is not None:
                 return c
+        os.close(wp)
         for f in fds:
             os.close(f)
+        rep = []
+        while True:  # the intermediate's report, complete when it has closed its end (i.e. when it exits)
+            x = os.read(rp, 1 << 16)
+            if not x:
+                break
+            rep.append(x)
+        os.close(rp)
+        # Reported only once the intermediate is reaped: its namespaces and the job's tmpfs (maybe many files) are torn
+        # down as it exits, and that cost is this job's, not the next one's (whose clock starts when this report comes)
         os.waitpid(i, 0)
+        try:
+            _sk.send(b"".join(rep) or _js.dumps({"seq": job["seq"], "err": "the intermediate died"}).encode())
+        except OSError:
+            os._exit(0)  # (the grading process is gone, or the report would not go: it replaces this server)
 
 
-def _intermediate(job, fds):
+def _intermediate(job, fds, rep):
     try:
         bad = set(job["unsafe"])
         _ok(_lc.prctl(1, _U(9), _U(0), _U(0), _U(0)), "die with the server")
@@ -731,8 +750,8 @@ def _intermediate(job, fds):
                         (0 if "pidns" in bad else 0x20000000)), "unshare")
         if "tmpfs" not in bad:
             for d, size in (("/sandbox", job["tmpfs"]), ("/tmp", job["tmpfs"]), ("/dev/shm", job["tmpfs"])):
-                _mount("tmpfs", d, "tmpfs", 0x2 | 0x4, "size=%d,mode=%s,uid=%d,gid=%d" % (
-                    size, "0700" if d == "/sandbox" else "1777", _uid, _gid), d)
+                _mount("tmpfs", d, "tmpfs", 0x2 | 0x4, "size=%d,nr_inodes=%d,mode=%s,uid=%d,gid=%d" % (
+                    size, job["inodes"], "0700" if d == "/sandbox" else "1777", _uid, _gid), d)
         os.chdir("/sandbox")  # (the server's working directory is the mount below the fresh one)
         wd = os.open(".", os.O_PATH | os.O_DIRECTORY)
         c = os.fork()
@@ -762,12 +781,14 @@ def _intermediate(job, fds):
                     got[name] = _b64(os.read(f, job["max_file"])).decode()
             finally:
                 os.close(f)
-        _sk.send(_js.dumps({"seq": job["seq"], "st": st, "files": got}).encode())
+        msg = _js.dumps({"seq": job["seq"], "st": st, "files": got}).encode()
     except BaseException as e:
-        try:
-            _sk.send(_js.dumps({"seq": job["seq"], "err": "%s: %s" % (type(e).__name__, e)}).encode())
-        except BaseException:
-            pass
+        msg = _js.dumps({"seq": job["seq"], "err": "%s: %s" % (type(e).__name__, e)}).encode()
+    try:
+        while msg:
+            msg = msg[os.write(rep, msg):]
+    except BaseException:
+        pass
     os._exit(0)
 
 
@@ -928,9 +949,12 @@ _SYSCALLS = {  # name -> number, per architecture (x86_64 first, then the generi
 _ALWAYS_DENIED = ("add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter", "io_uring_register",
                   "ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount", "umount2",
                   "pivot_root", "chroot", "bpf", "perf_event_open", "userfaultfd", "open_tree", "move_mount", "fsopen",
-                  "fsconfig", "fsmount", "fspick", "mount_setattr", "pidfd_getfd", "open_tree_attr")
-_SEAL_DENIED = ("socket", "socketpair", "shmget", "shmat", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl", "semget",
-                "semop", "semctl", "semtimedop", "mq_open", "mq_unlink", "mq_timedsend", "mq_notify", "mq_getsetattr",
+                  "fsconfig", "fsmount", "fspick", "mount_setattr", "pidfd_getfd", "open_tree_attr",
+                  # SysV IPC: a detached segment, a semaphore set or a message queue is memory no rlimit counts (and
+                  # a namespace's limits can be lowered only by a root that the sandbox's user namespace does not map)
+                  "shmget", "shmat", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semctl",
+                  "semtimedop")
+_SEAL_DENIED = ("socket", "socketpair", "mq_open", "mq_unlink", "mq_timedsend", "mq_notify", "mq_getsetattr",
                 "creat", "mkdir", "mkdirat", "mknod", "mknodat", "rename", "renameat", "renameat2", "link", "linkat",
                 "symlink", "symlinkat", "unlink", "unlinkat", "rmdir", "truncate", "chmod", "fchmod", "fchmodat",
                 "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes", "futimesat", "utimensat",
@@ -1646,7 +1670,7 @@ def _run_served(program: str, *, timeout: float, phases: int, read_files: tuple[
     start = time.monotonic()
     header = {"as": memory_mb << 20, "cpu": cpu, "nproc": nproc + 2, "fsize": FSIZE_MB << 20, "nofile": NOFILE,
               "bpf": "" if bpf is None else bpf.hex(), "files": list(read_files), "max_file": MAX_FILE,
-              "tmpfs": TMPFS_MB << 20, "unsafe": list(key[1])}
+              "tmpfs": TMPFS_MB << 20, "inodes": TMPFS_INODES, "unsafe": list(key[1])}
     fds: list[int] = []
     srv: _ForkServer | None = None
     healthy = False
