@@ -10,6 +10,11 @@ loss with K3 KL -> backward -> clip -> AdamW step; as the trainer's loop does.
 
 Grading: the model's text is random, so each row is graded as one of the 119-problem split's canonical solutions
 (every test runs: the slow case), with random rewards for the advantages (so no group is skipped).
+
+Two schedules, measured in the same run (`--schedules`, steps alternating between them):
+- sequential: generate -> grade -> train (reference log-probs inside each micro-batch), one after another;
+- overlap (the trainer's): generate -> [grade in worker processes | the reference log-probs of every row, no grad]
+  -> train with those reference log-probs. The last line prints overlap's step time over sequential's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import random
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -67,10 +73,20 @@ def grader_or_reason(path: str):
     return (grader, problems), ""
 
 
+def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: engine.Rollout,
+              micro_batch: int) -> torch.Tensor:
+    """Every row's reference log-probs (knobs zeroed, no grad) -> (B, T), as the trainer computes them while the
+    grader works."""
+    with torch.no_grad(), adapter.zeroed(knobs):
+        return grpo.token_logprobs(model, roll.ids, roll.prompt_len, micro_batch, roll.attention_mask())
+
+
 def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: torch.optim.Optimizer,
-               roll: engine.Rollout, adv: torch.Tensor, micro_batch: int, beta: float, denom: float) -> float:
-    """As the trainer's backward pass: per micro-batch the reference log-probs (knobs zeroed, no grad), the policy's,
-    the Dr.GRPO loss with K3 KL, backward; then clip and AdamW. -> the summed loss."""
+               roll: engine.Rollout, adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
+               ref_all: torch.Tensor | None = None) -> float:
+    """As the trainer's backward pass: per micro-batch the reference log-probs (knobs zeroed, no grad; taken from
+    `ref_all` when given), the policy's, the Dr.GRPO loss with K3 KL, backward; then clip and AdamW. -> the summed
+    loss."""
     ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
     params = adapter.knob_params(knobs)
     opt.zero_grad(set_to_none=True)
@@ -78,8 +94,8 @@ def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: t
     tot = 0.0
     for i in range(0, ids.shape[0], micro_batch):
         sl = slice(i, i + micro_batch)
-        ref = None
-        if beta > 0:
+        ref = None if beta <= 0 or ref_all is None else ref_all[sl]
+        if beta > 0 and ref is None:
             with torch.no_grad(), adapter.zeroed(knobs):
                 ref = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
         lp = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
@@ -107,7 +123,11 @@ def main() -> None:
                                               "leetcode_test_medhard.jsonl"))
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
+    ap.add_argument("--schedules", default="sequential,overlap", help="comma-separated: sequential, overlap")
     a = ap.parse_args()
+    schedules = [s for s in a.schedules.split(",") if s]
+    if not schedules or any(s not in ("sequential", "overlap") for s in schedules):
+        sys.exit(f"--schedules {a.schedules!r}: expected a comma-separated subset of sequential,overlap")
     rollout.DEVICE = a.device
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     model = rollout.random_model(a.shape)
@@ -130,7 +150,8 @@ def main() -> None:
         texts = [f"```python\n{p.canonical_solution}\n```" for p in probs]
 
     rows = []
-    for step in range(a.steps):
+    for step in range(a.steps * len(schedules)):
+        sched = schedules[step % len(schedules)]
         # rollout, knob merged into W
         t_gen = time.perf_counter()
         with torch.no_grad(), adapter.merged(knobs):
@@ -139,9 +160,18 @@ def main() -> None:
         rollout.sync()
         t_gen = time.perf_counter() - t_gen
 
-        # grade
-        t_grade = float("nan")
-        if gr is not None:
+        # grade (sequential), or grade while the reference log-probs are computed (overlap)
+        t_grade, ref_all = float("nan"), None
+        if sched == "overlap":
+            t_grade = time.perf_counter()
+            with ThreadPoolExecutor(1) as ex:
+                grading = ex.submit(grader.grade_batch, probs, texts, hint, workers=a.workers) if gr else None
+                ref_all = reference(model, knobs, roll, a.micro_batch) if a.beta > 0 else None
+                rollout.sync()
+                if grading is not None:
+                    grading.result()
+            t_grade = time.perf_counter() - t_grade
+        elif gr is not None:
             t_grade = time.perf_counter()
             grader.grade_batch(probs, texts, hint, workers=a.workers)
             t_grade = time.perf_counter() - t_grade
@@ -151,24 +181,31 @@ def main() -> None:
 
         # train: reference + policy log-probs per micro-batch, loss, backward, clip, step
         t_train = rollout.sync_time(functools.partial(train_step, model, knobs, opt, roll, adv, a.micro_batch, a.beta,
-                                              float(G * a.new)))
+                                              float(G * a.new), ref_all))
         peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else float("nan")
-        rows.append(dict(step=step, gen=t_gen, grade=t_grade, train=t_train, peak=peak,
+        rows.append(dict(step=step, schedule=sched, gen=t_gen, grade=t_grade, train=t_train, peak=peak,
                          tok=int(roll.completion_mask.sum())))
         print(rows[-1], flush=True)
 
-    steady = rows[1:] if len(rows) > 1 else rows
-    med = {k: statistics.median(r[k] for r in steady) for k in ("gen", "grade", "train")}
-    total = sum(v for v in med.values() if not math.isnan(v))
     print(f"\n{dev}; {a.shape}, G={G} x {a.new} new tokens, prompt {a.prompt_len}, micro-batch {a.micro_batch}, "
-          f"beta {a.beta}, knob rank {'full' if a.rank_cap is None else a.rank_cap}; median of steps 1..{a.steps - 1}"
+          f"beta {a.beta}, knob rank {'full' if a.rank_cap is None else a.rank_cap}; medians leave out each "
+          f"schedule's first step (warm-up); overlap's grade column is grading alongside the reference log-probs"
           + (f"; grade: {why}" if why else ""))
-    print("| step | generate s | grade s | train s | total s | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("| step | schedule | generate s | grade s | train s | total s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    totals: dict[str, float] = {}
     for r in rows:
-        tot = r["gen"] + r["train"] + (0 if math.isnan(r["grade"]) else r["grade"])
-        print(f"| {r['step']} | {r['gen']:.2f} | {r['grade']:.2f} | {r['train']:.2f} | {tot:.2f} | {r['peak']:.1f} |")
-    print(f"| median | {med['gen']:.2f} | {med['grade']:.2f} | {med['train']:.2f} | {total:.2f} | |")
+        r["total"] = r["gen"] + r["train"] + (0 if math.isnan(r["grade"]) else r["grade"])
+        print(f"| {r['step']} | {r['schedule']} | {r['gen']:.2f} | {r['grade']:.2f} | {r['train']:.2f} | "
+              f"{r['total']:.2f} | {r['peak']:.1f} |")
+    for s in schedules:
+        mine = [r for r in rows if r["schedule"] == s]
+        steady = mine[1:] if len(mine) > 1 else mine
+        med = {k: statistics.median(r[k] for r in steady) for k in ("gen", "grade", "train", "total")}
+        totals[s] = med["total"]
+        print(f"| median | {s} | {med['gen']:.2f} | {med['grade']:.2f} | {med['train']:.2f} | {med['total']:.2f} | |")
+    if len(totals) == 2:
+        print(f"\noverlap / sequential step time: {totals['overlap'] / totals['sequential']:.2f}x")
 
 
 if __name__ == "__main__":
