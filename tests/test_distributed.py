@@ -31,11 +31,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         pytest.skip("torchrun is not on PATH")
     env = os.environ | {"PROJECTED_GRPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "projected_grpo.cli", "train", *ARGS, "--run-dir", str(one)], env=env,
-                   check=True, capture_output=True, timeout=600)
+    # the ranks first, on an empty cache: they must not race to build the model (transformers writes a model only
+    # on rank 0 under torch.distributed)
     out = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "projected_grpo.cli", "train", *ARGS,
                           "--run-dir", str(two)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "projected_grpo.cli", "train", *ARGS, "--run-dir", str(one)], env=env,
+                   check=True, capture_output=True, timeout=600)
     a = load_file(str(one / "ckpt" / "step_000002" / "knobs.safetensors"))
     b = load_file(str(two / "ckpt" / "step_000002" / "knobs.safetensors"))
     assert set(a) == set(b)

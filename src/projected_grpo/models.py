@@ -225,6 +225,10 @@ def save_atomic(model: nn.Module, tok, out: Path, extra: dict[str, str] | None =
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if not (tmp / "config.json").exists():  # transformers writes a model on rank 0 only under torch.distributed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"{out}: the model was not written (a torch.distributed rank other than 0?); build the "
+                           "cache in one process first, e.g. the same command without torchrun")
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -263,7 +263,11 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     workers = cfg.workers or None  # None: the grader's default, one per available core
 
     # --- the world: served problems and hints, model, knobs, prompt ids; the intervention; the teacher pool
+    if not d.main:
+        distributed.barrier(d)  # rank 0 builds (or reads) the cached model and SVDs first
     w = world.build(cfg)
+    if d.main:
+        distributed.barrier(d)
     model, tok, knobs = w.model, w.tokenizer, w.knobs
     eos_ids, pad_id = w.loaded.eos_ids, w.loaded.pad_id
     problems, hints, prompt_tok = w.problems, w.hints, w.prompt_ids
@@ -457,12 +461,12 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     bar.close()
     if tb is not None:
         tb.close()
-    if not d.main:
-        return
-    rows = checkpoint.read_jsonl_rows(metrics_f)
-    summary = summarize(cfg, run_dir, rows)
-    block = write_summary(run_dir, summary)
-    logger.info("summary (student rollouts):\n" + block)
+    if d.main:
+        rows = checkpoint.read_jsonl_rows(metrics_f)
+        summary = summarize(cfg, run_dir, rows)
+        block = write_summary(run_dir, summary)
+        logger.info("summary (student rollouts):\n" + block)
+    distributed.barrier(d)  # the ranks leave together: a rank tearing gloo down while another works can abort
 
 
 def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: int, step: int,
