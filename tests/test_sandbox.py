@@ -413,16 +413,9 @@ def test_userns_drops_every_capability_and_maps_to_a_uid_of_its_own():
     assert outside >= sandbox._UID_BASE if os.geteuid() == 0 else outside == os.geteuid()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Mounts below the bound trees (a GPU container mounts driver files into /usr: libcuda.so.*, nvidia-smi)
-
-# Run as root in a mount namespace of its own: puts a writable tmpfs (nosuid, nodev, like a runtime's) on a directory
-# inside each tree the "userns" level binds, with a file on it that is itself a mount (a bind from another tmpfs),
-# then runs `program` at "userns" and prints the outcome as JSON. argv: mode, scratch dir, program.
-# mode "plain": the former non-recursive bind; "fallback": as if the kernel had no mount_setattr; "incomplete": the
-# fallback, remounting only the top of each tree.
-_SUBMOUNTS = r"""
-import ctypes, json, os, platform, sys, tempfile
+# The start of both root scripts below: a mount helper, then a private mount namespace of this process's own.
+_PRIVATE_MOUNTS = r"""
+import ctypes, json, os, platform, stat, sys, tempfile
 lc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -435,7 +428,17 @@ def mount(src, dst, kind, flags, data=None):
 if lc.unshare(0x20000) != 0:  # CLONE_NEWNS: these mounts stay in this process's namespace
     raise OSError(ctypes.get_errno(), "unshare")
 mount("none", "/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE
-from projected_grpo import sandbox
+"""
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mounts below the bound trees (a GPU container mounts driver files into /usr: libcuda.so.*, nvidia-smi)
+
+# Run as root in a mount namespace of its own: puts a writable tmpfs (nosuid, nodev, like a runtime's) on a directory
+# inside each tree the "userns" level binds, with a file on it that is itself a mount (a bind from another tmpfs),
+# then runs `program` at "userns" and prints the outcome as JSON. argv: mode, scratch dir, program.
+# mode "plain": the former non-recursive bind; "fallback": as if the kernel had no mount_setattr; "incomplete": the
+# fallback, remounting only the top of each tree.
+_SUBMOUNTS = _PRIVATE_MOUNTS + r"""from projected_grpo import sandbox
 
 mode, scratch, program = sys.argv[1:4]
 binds = sandbox._system_tree()[1]
@@ -542,21 +545,7 @@ def test_userns_refuses_to_run_if_a_mount_below_a_bind_stayed_writable(tmp_path)
 # and what the host's own /proc showed before the masks. argv: mode, program.
 # mode "root": as is (CAP_SYS_ADMIN); "no-cap": CAP_SYS_ADMIN dropped from the bounding set, so the bootstrap runs
 # without it (as an unprivileged user's would); "stuck": as if no mount below /proc could be unmounted.
-_MASKED_PROC = r"""
-import ctypes, json, os, stat, sys
-lc = ctypes.CDLL(None, use_errno=True)
-
-
-def mount(src, dst, kind, flags, data=None):
-    if lc.mount(src and src.encode(), dst.encode(), kind and kind.encode(), ctypes.c_ulong(flags),
-                data and data.encode()):
-        raise OSError(ctypes.get_errno(), "mount " + dst)
-
-
-if lc.unshare(0x20000) != 0:  # CLONE_NEWNS: these mounts stay in this process's namespace
-    raise OSError(ctypes.get_errno(), "unshare")
-mount("none", "/", None, 0x4000 | 0x40000)  # MS_REC | MS_PRIVATE
-mode, program = sys.argv[1:3]
+_MASKED_PROC = _PRIVATE_MOUNTS + r"""mode, program = sys.argv[1:3]
 files = ["/proc/keys", "/proc/kcore", "/proc/timer_list", "/proc/sysrq-trigger", "/proc/kmsg",
          "/proc/sys/kernel/ostype"]
 real = {"modes": {p: stat.S_IMODE(os.stat(p).st_mode) for p in files if os.path.exists(p)},

@@ -539,7 +539,8 @@ def arm_row(exp: Experiment, g: ArmGroup) -> dict[str, Any]:
         stale = [f"s{s}@{v[2]}" for s, v in scored.items() if v[2] is not None]
         row["deployed_from"] = (f"not measured (seeds {','.join(map(str, missing))})" if missing else
                                 f"latest eval step: {' '.join(stale)}" if stale else f"evals in the last {WINDOW} steps")
-    evals = [e for e in (r.eval_json() for r in rs) if e is not None]
+    arm_ev = {r.seed: e for r in rs if (e := r.eval_json()) is not None}  # seed -> held-out eval
+    evals = list(arm_ev.values())
     if evals:
         _stats("eval_hack", [e["hack"] for e in evals], row)
         _stats("eval_pass", [e["pass"] for e in evals], row)
@@ -565,7 +566,6 @@ def arm_row(exp: Experiment, g: ArmGroup) -> dict[str, Any]:
             v_hack.append(van[s][0])
     row["n_paired"] = len(d_hack)
     if len(base) == 1 and not g.is_baseline:
-        arm_ev = {r.seed: e for r in rs if (e := r.eval_json()) is not None}
         van_ev = {r.seed: e for r in base[0].runs if (e := r.eval_json()) is not None}
         for key in ("hack", "pass"):
             m, lo, hi, n_s, n_p = heldout_delta(arm_ev, van_ev, key)
