@@ -321,3 +321,19 @@ def test_gradient_checkpointing_gives_the_same_knob_gradient(cache):
         grads.append(torch.cat([k.dS.grad for k in knobs.values()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_cache_entry_without_the_model_is_never_published(tmp_path):
+    class Skipped:  # what transformers does on a torch.distributed rank other than 0: writes no model
+        def save_pretrained(self, d):
+            pass
+
+    class Tok:
+        def save_pretrained(self, d):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / "tokenizer.json").write_text("{}")
+
+    out = tmp_path / "models" / "m"
+    with pytest.raises(RuntimeError, match="the model was not written"):
+        models.save_atomic(Skipped(), Tok(), out)
+    assert not out.exists() and not list(tmp_path.glob("models/m.tmp*"))
