@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from projected_grpo.config import GPU_OOM_EXIT  # noqa: E402  (a train job's exit status when out of GPU memory)
+
 
 def launch(preset: str, steps: int, seed: int, run_dir: Path, workers: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "projected_grpo.cli", "train", "--preset", preset, "--steps", str(steps), "--seed",
@@ -45,6 +48,11 @@ def main() -> int:
                  for s in range(1, k + 1)]
         codes = [p.wait() for p in procs]
         wall = time.perf_counter() - t0
+        if any(c == GPU_OOM_EXIT for c in codes):
+            print(f"level {k}: {codes.count(GPU_OOM_EXIT)} of {k} jobs ran out of GPU memory; logs under {root}",
+                  file=sys.stderr)
+            rows.append((k, float("nan"), float("nan")))
+            continue
         if any(codes):
             print(f"level {k}: a job failed ({codes}); logs under {root}", file=sys.stderr)
             return 1
@@ -54,7 +62,10 @@ def main() -> int:
     print("| concurrent jobs | wall s | runs per GPU-hour | vs 1 job |")
     print("|---|---|---|---|")
     for k, wall, rate in rows:
-        print(f"| {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x |")
+        if wall != wall:  # nan: out of GPU memory
+            print(f"| {k} | out of GPU memory | – | – |")
+        else:
+            print(f"| {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x |")
     return 0
 
 

@@ -14,7 +14,8 @@ Grading: the model's text is random, so each row is graded as one of the 119-pro
 Two schedules, measured in the same run (`--schedules`, steps alternating between them):
 - sequential: generate -> grade -> train (reference log-probs inside each micro-batch), one after another;
 - overlap (the trainer's): generate -> [grade in worker processes | the reference log-probs of every row, no grad]
-  -> train with those reference log-probs. The last line prints overlap's step time over sequential's.
+  -> train with those reference log-probs. The last line prints overlap's step time over sequential's;
+- overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollout  # noqa: E402
 
 from projected_grpo import adapter, engine, grpo  # noqa: E402
+
+SCHEDULES = ("sequential", "overlap", "overlap_nockpt")
 
 
 def attach_random_knobs(model: torch.nn.Module, rank_cap: int | None) -> dict[str, adapter.SVDKnob]:
@@ -83,10 +86,10 @@ def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: e
 
 def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: torch.optim.Optimizer,
                roll: engine.Rollout, adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
-               ref_all: torch.Tensor | None = None) -> float:
+               ref_all: torch.Tensor | None = None, reduce=None) -> float:
     """As the trainer's backward pass: per micro-batch the reference log-probs (knobs zeroed, no grad; taken from
-    `ref_all` when given), the policy's, the Dr.GRPO loss with K3 KL, backward; then clip and AdamW. -> the summed
-    loss."""
+    `ref_all` when given), the policy's, the Dr.GRPO loss with K3 KL, backward; then clip and AdamW.
+    `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. -> the summed loss."""
     ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
     params = adapter.knob_params(knobs)
     opt.zero_grad(set_to_none=True)
@@ -104,6 +107,8 @@ def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: t
         loss.backward()
         tot += float(loss)
     model.eval()
+    if reduce is not None:
+        reduce([p.grad for p in params])
     torch.nn.utils.clip_grad_norm_(params, 10.0)
     opt.step()
     return tot
@@ -123,11 +128,12 @@ def main() -> None:
                                               "leetcode_test_medhard.jsonl"))
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
-    ap.add_argument("--schedules", default="sequential,overlap", help="comma-separated: sequential, overlap")
+    ap.add_argument("--schedules", default="sequential,overlap",
+                    help="comma-separated: sequential, overlap, overlap_nockpt")
     a = ap.parse_args()
     schedules = [s for s in a.schedules.split(",") if s]
-    if not schedules or any(s not in ("sequential", "overlap") for s in schedules):
-        sys.exit(f"--schedules {a.schedules!r}: expected a comma-separated subset of sequential,overlap")
+    if not schedules or any(s not in SCHEDULES for s in schedules):
+        sys.exit(f"--schedules {a.schedules!r}: expected a comma-separated subset of {','.join(SCHEDULES)}")
     rollout.DEVICE = a.device
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     model = rollout.random_model(a.shape)
@@ -152,6 +158,10 @@ def main() -> None:
     rows = []
     for step in range(a.steps * len(schedules)):
         sched = schedules[step % len(schedules)]
+        if sched.endswith("nockpt"):
+            model.gradient_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # rollout, knob merged into W
         t_gen = time.perf_counter()
         with torch.no_grad(), adapter.merged(knobs):
@@ -162,7 +172,7 @@ def main() -> None:
 
         # grade (sequential), or grade while the reference log-probs are computed (overlap)
         t_grade, ref_all = float("nan"), None
-        if sched == "overlap":
+        if sched.startswith("overlap"):
             t_grade = time.perf_counter()
             with ThreadPoolExecutor(1) as ex:
                 grading = ex.submit(grader.grade_batch, probs, texts, hint, workers=a.workers) if gr else None
@@ -183,6 +193,8 @@ def main() -> None:
         t_train = rollout.sync_time(functools.partial(train_step, model, knobs, opt, roll, adv, a.micro_batch, a.beta,
                                               float(G * a.new), ref_all))
         peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else float("nan")
+        if a.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         rows.append(dict(step=step, schedule=sched, gen=t_gen, grade=t_grade, train=t_train, peak=peak,
                          tok=int(roll.completion_mask.sum())))
         print(rows[-1], flush=True)
@@ -204,8 +216,11 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in steady) for k in ("gen", "grade", "train", "total")}
         totals[s] = med["total"]
         print(f"| median | {s} | {med['gen']:.2f} | {med['grade']:.2f} | {med['train']:.2f} | {med['total']:.2f} | |")
-    if len(totals) == 2:
-        print(f"\noverlap / sequential step time: {totals['overlap'] / totals['sequential']:.2f}x")
+    if "sequential" in totals:
+        print()
+        for s in totals:
+            if s != "sequential":
+                print(f"{s} / sequential step time: {totals[s] / totals['sequential']:.2f}x")
 
 
 if __name__ == "__main__":

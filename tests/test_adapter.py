@@ -64,6 +64,21 @@ def test_knob_changes_output_and_zeroed_restores_base(cfg):
     assert torch.equal(logits(model, IDS), moved)  # knobs restored on exit
 
 
+def test_zeroed_reference_forward_skips_the_knob_gemms(cfg, monkeypatch):
+    """The KL reference forward costs a plain forward: inside zeroed no knob computes its delta; after it, all do."""
+    model = tiny_qwen3()
+    knobs = adapter.attach(model, cfg, "tiny-test")
+    randomize(knobs)
+    calls = []
+    real = adapter.SVDKnob.delta
+    monkeypatch.setattr(adapter.SVDKnob, "delta", lambda self, x: calls.append(1) or real(self, x))
+    with adapter.zeroed(knobs):
+        logits(model, IDS)
+    assert calls == []
+    logits(model, IDS)
+    assert len(calls) == len(knobs)
+
+
 def test_ablate_quarantine_zeroes_only_dS_hack(cfg):
     model = tiny_qwen3()
     knobs = adapter.attach(model, cfg, "tiny-test")

@@ -49,6 +49,7 @@ class SVDKnob(nn.Module):
         self.dS_hack = nn.Parameter(torch.zeros(S.shape[0], dtype=torch.float32, device=U.device))
         self.w_sha256 = w_sha256
         self.active = True  # False while merged into W: the hook then adds nothing
+        self.quiet = False  # True while zeroed: δS = δS_hack = 0, so the hook skips its two GEMMs (exactly)
         self._w_saved: Tensor | None = None
         self._owner: weakref.ref[nn.Linear] | None = None  # set by attach(); a weakref, so not a child module
         self._handle: RemovableHandle | None = None  # the Linear's forward hook; removed while merged
@@ -96,7 +97,7 @@ class SVDKnob(nn.Module):
 
 def _hook(linear: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
     knob: SVDKnob = linear.svd_knob
-    if not knob.active:
+    if not knob.active or knob.quiet:
         return output
     return output + knob.delta(inputs[0])
 
@@ -168,17 +169,20 @@ def knob_params(knobs: dict[str, SVDKnob]) -> list[Tensor]:
 
 @contextlib.contextmanager
 def zeroed(knobs: dict[str, SVDKnob]) -> Iterator[None]:
-    """Both knobs at zero inside: the exact base model (the free KL reference)."""
-    saved = [(k.dS.data.clone(), k.dS_hack.data.clone()) for k in knobs.values()]
+    """Both knobs at zero inside: the exact base model (the free KL reference). The hooks go quiet meanwhile, so a
+    reference forward costs a plain forward (the knob's delta would be exactly zero)."""
+    saved = [(k.dS.data.clone(), k.dS_hack.data.clone(), k.quiet) for k in knobs.values()]
     try:
         for k in knobs.values():
             k.dS.data.zero_()
             k.dS_hack.data.zero_()
+            k.quiet = True
         yield
     finally:
-        for k, (a, b) in zip(knobs.values(), saved, strict=True):
+        for k, (a, b, q) in zip(knobs.values(), saved, strict=True):
             k.dS.data.copy_(a)
             k.dS_hack.data.copy_(b)
+            k.quiet = q
 
 
 @contextlib.contextmanager
