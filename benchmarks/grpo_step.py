@@ -105,7 +105,7 @@ def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: t
         loss, _ = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(lp.device), mask[sl], clip=0.2, beta=beta,
                                  denom=denom)
         loss.backward()
-        tot += float(loss)
+        tot += float(loss.detach())
     model.eval()
     if reduce is not None:
         reduce([p.grad for p in params])
