@@ -162,6 +162,41 @@ def test_token_logprobs_matches_naive_and_is_microbatch_independent():
     torch.testing.assert_close(got5, got1, atol=1e-5, rtol=0)
 
 
+def test_chunked_output_layer_matches_whole_logits_in_value_and_gradient(tmp_path, monkeypatch):
+    """The output layer on LOGPROB_CHUNK positions at a time (recomputed in backward) gives the same log-probs and
+    knob gradients as the whole-logits path, and never sees more than a chunk of positions at once."""
+    model = tiny_qwen3()
+    knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), "tiny-grpo")
+    for k in knobs.values():
+        k.dS.data.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 50, (3, 14), generator=g)
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    attn[1, :4] = False
+    ids[~attn] = 0
+    n_prompt, weights = 6, torch.randn(3, 8, generator=g)
+
+    def run():
+        for k in knobs.values():
+            k.dS.grad = None
+        lp = grpo.token_logprobs(model, ids, n_prompt, 2, attn, temperature=0.7)  # (3, 8)
+        (lp * weights).sum().backward()
+        return lp.detach(), [k.dS.grad.clone() for k in knobs.values()]
+
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    monkeypatch.setattr(grpo, "LOGPROB_CHUNK", 3)
+    lp_c, g_c = run()
+    assert seen and max(seen) <= 3, seen  # 8 positions in chunks of 3 (and their recomputation in backward)
+    monkeypatch.setattr(grpo, "CHUNKED_HEADS", ())
+    seen.clear()
+    lp_w, g_w = run()
+    assert max(seen) == 8 + 1  # the whole-logits path: every completion position (+1 kept by logits_to_keep)
+    torch.testing.assert_close(lp_c, lp_w, atol=1e-5, rtol=0)
+    for a, b in zip(g_c, g_w, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 class _FixedLogits(torch.nn.Module):
     """Every position's logits are ln(4, 2, 1): p = (4, 2, 1)/7 at T = 1, (16, 4, 1)/21 at T = 0.5."""
 

@@ -11,6 +11,7 @@ No model loading, no I/O.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
@@ -55,6 +56,23 @@ def position_ids(attention_mask: Bool[Tensor, "B T"]) -> Int[Tensor, "B T"]:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+LOGPROB_CHUNK = 128
+"""Completion positions per chunk of the output layer in `token_logprobs` (see there)."""
+
+CHUNKED_HEADS = ("qwen2", "qwen3", "llama", "mistral")
+"""Model types whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling, so the output
+layer can run on chunks of the hidden states."""
+
+
+def _picked_logprobs(head: nn.Module, h: Float[Tensor, "b c H"], targets: Int[Tensor, "b c"],
+                     scale: float) -> Float[Tensor, "b c"]:
+    """log softmax(head(h) / scale) at `targets`, in float32."""
+    logits = head(h).float()  # (b, c, V)
+    if scale != 1.0:
+        logits = logits / scale
+    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+
+
 def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, micro_batch: int,
                    attention_mask: Bool[Tensor, "B T"] | None = None, *,
                    temperature: float = 1.0) -> Float[Tensor, "B T_new"]:
@@ -62,28 +80,42 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     softmax(logits / T) is the distribution the rollouts were sampled at (as TRL and verl compute it; top-p is not
     applied). `temperature` 0 means greedy sampling and uses T = 1.
 
-    Runs `micro_batch` rows at a time and asks the model for the completion positions' logits only, so the full
-    (B, T, V) logits are never held, and the float32 log-softmax exists for one micro-batch at a time. Keeps the
-    autograd graph (call under `torch.no_grad()` for reference / old log-probs). `attention_mask` (False on left
-    padding) also sets the position ids, so the numbers match the sampler's."""
+    Runs `micro_batch` rows at a time over the completion positions only, so the full (B, T, V) logits are never
+    held. For the model types in CHUNKED_HEADS the output layer and the float32 log-softmax run on LOGPROB_CHUNK
+    positions at a time, each chunk recomputed in the backward pass instead of kept (torch.utils.checkpoint): with a
+    150k vocabulary that is the difference between ~0.6 GB and ~8 GB of logits and their copies per micro-batch of
+    8 × 512 positions. Keeps the autograd graph (call under `torch.no_grad()` for reference / old log-probs).
+    `attention_mask` (False on left padding) also sets the position ids, so the numbers match the sampler's."""
     B, T = ids.shape
     t_new = T - n_prompt
     assert 0 < n_prompt < T and micro_batch >= 1, (n_prompt, T, micro_batch)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     scale = temperature if temperature > 0 else 1.0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    chunked = (getattr(getattr(model, "config", None), "model_type", None) in CHUNKED_HEADS and head is not None
+               and body is not None and body is not model)
     out = []
     for i in range(0, B, micro_batch):
         x = ids[i:i + micro_batch]  # (b, T)
         am = torch.ones_like(x, dtype=torch.bool) if attention_mask is None else attention_mask[i:i + micro_batch]
-        logits = model(input_ids=x, attention_mask=am.long(), position_ids=position_ids(am),
-                       logits_to_keep=t_new + 1, use_cache=False).logits  # (b, t_new + 1, V): positions n_prompt-1 .. T-1
-        logits = logits[:, :-1].float()  # (b, t_new, V): position t predicts token t + 1
-        if scale != 1.0:
-            logits = logits / scale
         targets = x[:, n_prompt:]  # (b, t_new)
-        picked = logits.gather(-1, targets[..., None])[..., 0]  # (b, t_new)
-        out.append(picked - torch.logsumexp(logits, dim=-1))  # (b, t_new)
+        kw = dict(input_ids=x, attention_mask=am.long(), position_ids=position_ids(am), use_cache=False)
+        if not chunked:
+            logits = model(**kw, logits_to_keep=t_new + 1).logits  # (b, t_new + 1, V): positions n_prompt-1 .. T-1
+            out.append(_picked_logprobs(nn.Identity(), logits[:, :-1], targets, scale))  # position t predicts t + 1
+            continue
+        h = body(**kw).last_hidden_state[:, n_prompt - 1:-1]  # (b, t_new, H): the states that predict the targets
+        parts = []
+        for j in range(0, t_new, LOGPROB_CHUNK):
+            hj, tj = h[:, j:j + LOGPROB_CHUNK], targets[:, j:j + LOGPROB_CHUNK]
+            if torch.is_grad_enabled() and hj.requires_grad:
+                parts.append(torch.utils.checkpoint.checkpoint(_picked_logprobs, head, hj, tj, scale,
+                                                               use_reentrant=False))
+            else:
+                parts.append(_picked_logprobs(head, hj, tj, scale))
+        out.append(torch.cat(parts, dim=1))  # (b, t_new)
     return torch.cat(out, dim=0)
 
 
