@@ -4,14 +4,21 @@
 
 Each level starts K `projected-grpo train` processes at once (seeds 1..K, the same settings otherwise, grader
 workers shared out as the runner does) and times until the last one ends; model load, SVD and teacher-pool caches
-are warmed first by a 1-step run that is not timed. Prints one table: wall seconds, runs per GPU-hour, and the ratio
-to K = 1 measured in the same run.
+are warmed first by a 1-step run that is not timed. Prints one table: wall seconds, runs per GPU-hour, peak GPU
+memory per job, and the ratio to the first variant at K = 1 measured in the same run.
+
+`--variants` compares settings that trade speed for memory in the same run, each at every level, e.g.
+
+    python benchmarks/concurrency.py --levels 1 2 3 4 --variants "" "--model.gradient-checkpointing" \
+        "--micro-batch 4" -- --problems runs/data/train.jsonl --n-problems 256
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,6 +40,8 @@ def main() -> int:
     ap.add_argument("--preset", default="coder15")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--variants", nargs="+", default=[""],
+                    help="flag sets to compare (each a quoted string; \"\" = the preset as is)")
     ap.add_argument("extra", nargs="*", help="flags passed to every train job (after --)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
@@ -42,31 +51,41 @@ def main() -> int:
         print(f"warm-up run failed: see {root / 'warm.log'}", file=sys.stderr)
         return 1
     rows = []
-    for k in args.levels:
-        t0 = time.perf_counter()
-        procs = [launch(args.preset, args.steps, s, root / f"k{k}_s{s}", max(1, cores // k), args.extra)
-                 for s in range(1, k + 1)]
-        codes = [p.wait() for p in procs]
-        wall = time.perf_counter() - t0
-        if any(c == GPU_OOM_EXIT for c in codes):
-            print(f"level {k}: {codes.count(GPU_OOM_EXIT)} of {k} jobs ran out of GPU memory; logs under {root}",
-                  file=sys.stderr)
-            rows.append((k, float("nan"), float("nan")))
-            continue
-        if any(codes):
-            print(f"level {k}: a job failed ({codes}); logs under {root}", file=sys.stderr)
-            return 1
-        rows.append((k, wall, k / wall * 3600))
-    base = rows[0][2]
+    for vi, variant in enumerate(args.variants):
+        flags = [*args.extra, *shlex.split(variant)]
+        for k in args.levels:
+            t0 = time.perf_counter()
+            dirs = [root / f"v{vi}_k{k}_s{s}" for s in range(1, k + 1)]
+            procs = [launch(args.preset, args.steps, s, d, max(1, cores // k), flags) for s, d in enumerate(dirs, 1)]
+            codes = [p.wait() for p in procs]
+            wall = time.perf_counter() - t0
+            if any(c == GPU_OOM_EXIT for c in codes):
+                print(f"{variant or 'preset'} at {k}: {codes.count(GPU_OOM_EXIT)} of {k} jobs ran out of GPU memory; "
+                      f"logs under {root}", file=sys.stderr)
+                rows.append((variant, k, float("nan"), float("nan"), float("nan")))
+                continue
+            if any(codes):
+                print(f"{variant or 'preset'} at {k}: a job failed ({codes}); logs under {root}", file=sys.stderr)
+                return 1
+            rows.append((variant, k, wall, k / wall * 3600, max(peak_gb(d) for d in dirs)))
+    base = rows[0][3]
     print(f"\n{args.preset}, {args.steps} steps per run, {cores} CPU cores")
-    print("| concurrent jobs | wall s | runs per GPU-hour | vs 1 job |")
-    print("|---|---|---|---|")
-    for k, wall, rate in rows:
+    print("| variant | concurrent jobs | wall s | runs per GPU-hour | vs first row | peak GB per job |")
+    print("|---|---|---|---|---|---|")
+    for variant, k, wall, rate, peak in rows:
+        name = f"`{variant}`" if variant else "preset"
         if wall != wall:  # nan: out of GPU memory
-            print(f"| {k} | out of GPU memory | – | – |")
+            print(f"| {name} | {k} | out of GPU memory | – | – | – |")
         else:
-            print(f"| {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x |")
+            print(f"| {name} | {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x | {peak:.1f} |")
     return 0
+
+
+def peak_gb(run_dir: Path) -> float:
+    """The largest gpu_peak_gb a run logged (nan when it logged none, e.g. on CPU)."""
+    path = run_dir / "metrics.jsonl"
+    vals = [json.loads(line).get("gpu_peak_gb") for line in path.read_text().splitlines()] if path.exists() else []
+    return max((v for v in vals if v is not None), default=float("nan"))
 
 
 if __name__ == "__main__":
