@@ -15,12 +15,15 @@ Two schedules, measured in the same run (`--schedules`, steps alternating betwee
 - sequential: generate -> grade -> train (reference log-probs inside each micro-batch), one after another;
 - overlap (the trainer's): generate -> [grade in worker processes | the reference log-probs of every row, no grad]
   -> train with those reference log-probs. The last line prints overlap's step time over sequential's;
-- overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory).
+- overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory);
+- overlap_fold, overlap_nockpt_fold: the same with the knobs folded into W for the backward pass
+  (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import random
@@ -38,7 +41,7 @@ import rollout  # noqa: E402
 
 from projected_grpo import adapter, engine, grpo  # noqa: E402
 
-SCHEDULES = ("sequential", "overlap", "overlap_nockpt")
+SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold")
 
 
 def attach_random_knobs(model: torch.nn.Module, rank_cap: int | None) -> dict[str, adapter.SVDKnob]:
@@ -86,14 +89,29 @@ def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: e
 
 def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: torch.optim.Optimizer,
                roll: engine.Rollout, adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
-               ref_all: torch.Tensor | None = None, reduce=None) -> float:
+               ref_all: torch.Tensor | None = None, reduce=None, fold: bool = False) -> float:
     """As the trainer's backward pass: per micro-batch the reference log-probs (knobs zeroed, no grad; taken from
     `ref_all` when given), the policy's, the Dr.GRPO loss with K3 KL, backward; then clip and AdamW.
-    `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. -> the summed loss."""
-    ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
+    `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. `fold` (needs
+    `ref_all`): the knobs folded into W for the pass (adapter.folded). -> the summed loss."""
     params = adapter.knob_params(knobs)
     opt.zero_grad(set_to_none=True)
+    assert not fold or beta <= 0 or ref_all is not None, "fold needs the reference log-probs first"
     model.train()  # turns gradient checkpointing on
+    with adapter.folded(knobs) if fold else contextlib.nullcontext():
+        tot = _micro_batches(model, knobs, roll, adv, micro_batch, beta, denom, ref_all)
+    model.eval()
+    if reduce is not None:
+        reduce([p.grad for p in params])
+    torch.nn.utils.clip_grad_norm_(params, 10.0)
+    opt.step()
+    return tot
+
+
+def _micro_batches(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: engine.Rollout,
+                   adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
+                   ref_all: torch.Tensor | None) -> float:
+    ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
     tot = 0.0
     for i in range(0, ids.shape[0], micro_batch):
         sl = slice(i, i + micro_batch)
@@ -106,11 +124,6 @@ def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: t
                                  denom=denom)
         loss.backward()
         tot += float(loss.detach())
-    model.eval()
-    if reduce is not None:
-        reduce([p.grad for p in params])
-    torch.nn.utils.clip_grad_norm_(params, 10.0)
-    opt.step()
     return tot
 
 
@@ -158,7 +171,7 @@ def main() -> None:
     rows = []
     for step in range(a.steps * len(schedules)):
         sched = schedules[step % len(schedules)]
-        if sched.endswith("nockpt"):
+        if "nockpt" in sched:
             model.gradient_checkpointing_disable()
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -191,7 +204,7 @@ def main() -> None:
 
         # train: reference + policy log-probs per micro-batch, loss, backward, clip, step
         t_train = rollout.sync_time(functools.partial(train_step, model, knobs, opt, roll, adv, a.micro_batch, a.beta,
-                                              float(G * a.new), ref_all))
+                                              float(G * a.new), ref_all, None, "fold" in sched))
         peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else float("nan")
         if a.device == "cuda":
             torch.cuda.reset_peak_memory_stats()

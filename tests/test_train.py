@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from projected_grpo import checkpoint, config, train  # noqa: E402
+from projected_grpo import adapter, checkpoint, config, train  # noqa: E402
 from projected_grpo.config import PRESETS, Config, DataConfig, GRPOConfig  # noqa: E402
 
 FAST = ["--preset", "fast-dev-run"]
@@ -169,6 +169,31 @@ def test_hooks_see_g_student_and_g_teacher_summing_to_g(cache, tmp_path):
     ms = rows(run_dir)
     assert all("hook_gs_norm" in m and "post_moved" in m for m in ms)
     assert any(m["post_moved"] > 0 for m in ms)
+
+
+def test_folded_training_gives_the_hooks_gradients(cache, tmp_path, monkeypatch):
+    """--adapter.fold-train: the student's and the teacher's knob gradients of a real step equal the hooks' (float32
+    here; on a bf16 model they differ by W's rounding), and the backward passes did run folded."""
+    folds = []
+    real_fold = adapter.SVDKnob.fold
+    monkeypatch.setattr(adapter.SVDKnob, "fold", lambda self: folds.append(1) or real_fold(self))
+    seen: dict[bool, list] = {}
+    for fold in (False, True):
+        got = seen.setdefault(fold, [])
+
+        def hook(step, knobs, g_s, g_t, got=got):
+            got.append(({n: v.clone() for n, v in g_s.items()}, {n: v.clone() for n, v in g_t.items()}))
+            return {}
+
+        cfg = fast_cfg(tmp_path / f"fold{fold}", steps=1, checkpoint_every=0)
+        train.train(dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, fold_train=fold)), hook=hook)
+        assert bool(folds) == fold  # none in the hooks' run
+    assert len(folds) >= 2 * len(seen[True][0][0])  # every knob, in the student and the teacher pass
+    (hs, ht), (fs, ft) = seen[False][0], seen[True][0]
+    assert sum(float(v.abs().sum()) for v in [*hs.values(), *ht.values()]) > 0
+    for n in hs:
+        torch.testing.assert_close(fs[n], hs[n], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(ft[n], ht[n], atol=1e-6, rtol=1e-4)
 
 
 def test_non_finite_gradient_stops_naming_step_and_module(cache, tmp_path):

@@ -108,6 +108,9 @@ class AdapterConfig:
     """Keep only the top-r singular directions per module (None = full rank r = min(d_in, d_out))."""
     cache_dir: str = ""
     """Where SVDs are cached (under svd/); empty = the model's cache root."""
+    fold_train: bool = False
+    """Train with the knobs folded into W (one GEMM per Linear in the forward, the knobs' gradient added in the
+    backward) instead of the forward hooks: the same gradients up to W's rounding, fewer FLOPs at full rank."""
 
     @property
     def svd_dir(self) -> Path:

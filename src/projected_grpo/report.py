@@ -71,7 +71,7 @@ PER_RUN_LEAVES = frozenset({
 """Field names ignored at any depth: display, logging, parallelism, evaluation cadence and cache locations."""
 PER_RUN_PATHS = frozenset({"proj.vhack_path"})
 """Per-seed artifacts: each seed has its own V file."""
-ADDED_FIELDS = {"data.teacher_variants": "", "vhack.pair_variants": ""}
+ADDED_FIELDS = {"data.teacher_variants": "", "vhack.pair_variants": "", "adapter.fold_train": False}
 """Fields added after runs were first saved, at the value that means what their absence meant: dropped from the key
 at that value, so older runs stay comparable with newer ones."""
 ARM_FIELDS = ("arm", "proj")

@@ -86,13 +86,24 @@ def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
 
 def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
                   n_prompt: int, adv: Tensor, g: GRPOConfig, denom: float, totals: dict[str, float], who: str,
-                  step: int, ref_all: Tensor | None = None) -> None:
+                  step: int, ref_all: Tensor | None = None, fold: bool = False) -> None:
     """Accumulate ∇ of the GRPO loss of these sequences into the knobs' .grad, `g.micro_batch` rows at a time.
     ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,), ref_all (B, T) the reference log-probs
-    when already computed (else computed here). Adds loss, kl_sum, tokens, clipped and the summed completion
-    log-prob (logp_<who>, tokens_<who>) into `totals`."""
+    when already computed (else computed here). `fold`: the knobs folded into W for the pass (adapter.folded).
+    Adds loss, kl_sum, tokens, clipped and the summed completion log-prob (logp_<who>, tokens_<who>) into
+    `totals`."""
     device = next(iter(knobs.values())).dS.device
+    if fold and ref_all is None:  # the reference needs the unfolded W: all of it first
+        ref_all = reference_logprobs(model, knobs, ids, attn, n_prompt, g)
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
+    with adapter.folded(knobs) if fold else contextlib.nullcontext():
+        _micro_batches(model, knobs, ids, attn, cmask, n_prompt, adv, g, denom, totals, who, step, ref_all, device)
+    model.eval()
+
+
+def _micro_batches(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
+                   n_prompt: int, adv: Tensor, g: GRPOConfig, denom: float, totals: dict[str, float], who: str,
+                   step: int, ref_all: Tensor | None, device: torch.device) -> None:
     for i in range(0, ids.shape[0], g.micro_batch):
         sl = slice(i, i + g.micro_batch)
         x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
@@ -111,7 +122,6 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
         totals[f"tokens_{who}"] += float(st["tokens"])
         for key in ("kl_sum", "tokens", "clipped"):
             totals[key] += float(st[key])
-    model.eval()
 
 
 def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, n_prompt: int,
@@ -377,12 +387,13 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
             if keep_s:
                 backward_pass(model, knobs, roll.ids[keep_s], roll.attention_mask()[keep_s],
                               roll.completion_mask[keep_s], roll.prompt_len, s_adv, g, denom, totals, "student", step,
-                              s_ref[keep_s] if s_ref is not None else None)
+                              s_ref[keep_s] if s_ref is not None else None, cfg.adapter.fold_train)
             g_s = _grads(knobs)
             opt.zero_grad(set_to_none=True)
             if keep_t:
                 t_ids, t_attn, t_mask, t_np = pad_sequences(t_prompts, t_comps, pad_id)
-                backward_pass(model, knobs, t_ids, t_attn, t_mask, t_np, t_adv, g, denom, totals, "teacher", step)
+                backward_pass(model, knobs, t_ids, t_attn, t_mask, t_np, t_adv, g, denom, totals, "teacher", step,
+                              fold=cfg.adapter.fold_train)
             g_t = _grads(knobs)
         except torch.cuda.OutOfMemoryError as e:
             raise GPUOutOfMemory(f"step {step}: GPU out of memory in the backward pass; lower --micro-batch (now "
