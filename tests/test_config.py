@@ -143,3 +143,23 @@ def test_no_forkserver_reaches_the_grader_and_the_provenance():
         assert world.provenance(None, level)["grader_forkserver"] == (level == "userns")
     finally:
         grader.set_forkserver(True)
+
+
+def test_provenance_names_the_exact_source(tmp_path):
+    """source_sha256 changes with any byte or name of the package's code and with nothing else."""
+    from projected_grpo import world
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = world.source_sha256(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed, still not code")
+    assert world.source_sha256(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert world.source_sha256(tmp_path) != first
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    assert world.source_sha256(tmp_path) == first
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py")
+    assert world.source_sha256(tmp_path) != first
+    assert len(world.provenance(None, None)["source_sha256"]) == 16

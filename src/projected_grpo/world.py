@@ -7,6 +7,7 @@ train, extract-vhack, verify-vhack and eval all call `build(cfg)`, so they see t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -123,6 +124,16 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def source_sha256(root: Path | None = None) -> str:
+    """sha256 (16 hex digits) over the package's .py files, names and bytes in sorted order: names the exact code
+    that ran, where a "-dirty" git commit or a copy without .git cannot."""
+    root = root or Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
@@ -131,13 +142,14 @@ def _version(pkg: str) -> str | None:
 
 
 def provenance(world: World | None, isolation_level: str | None) -> dict:
-    """What produced a result: package and library versions, git commit, model id and weights hash, grader
-    isolation, the device."""
+    """What produced a result: package and library versions, git commit and a hash of the package's source, model id
+    and weights hash, grader isolation, the device."""
     from projected_grpo import __version__
     from projected_grpo.grader import use_forkserver
 
     out = {
-        "projected_grpo": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
+        "projected_grpo": __version__, "git_commit": _git_commit(), "source_sha256": source_sha256(),
+        "python": platform.python_version(),
         "torch": torch.__version__, "transformers": _version("transformers"), "isolation": isolation_level,
         "isolation_info": _isolation_info(),
         # programs graded in fork servers (a pre-imported interpreter per server, a fresh child per program)
