@@ -88,9 +88,7 @@ class SVDKnob(nn.Module):
     def merge(self) -> None:
         """W <- W + U diag(δS+δS_hack) Vh (in float32, rounded once to W's dtype); the hook goes quiet."""
         assert self.active and self._w_saved is None, "knob is already merged"
-        linear = self.linear
-        self._w_saved = linear.weight.data.clone()
-        linear.weight.data.copy_((linear.weight.data.float() + self.delta_weight()).to(linear.weight.dtype))  # in place
+        self._fold_into_w()
         self.active = False
         if self._handle is not None:  # a plain Linear while merged: an engine may refuse hooked Linears
             self._handle.remove()
@@ -101,27 +99,33 @@ class SVDKnob(nn.Module):
         """W <- W + U diag(δS+δS_hack) Vh as `merge`, but the hook stays: it passes the output through and adds
         the knob's gradient in the backward pass."""
         assert self.active and not self.quiet and self._w_saved is None, "knob is already merged, folded or zeroed"
-        linear = self.linear
-        self._w_saved = linear.weight.data.clone()
-        linear.weight.data.copy_((linear.weight.data.float() + self.delta_weight()).to(linear.weight.dtype))
+        self._fold_into_w()
         self.folded = True
 
     @torch.no_grad()
     def unfold(self) -> None:
         assert self.folded and self._w_saved is not None, "knob is not folded"
+        self._restore_w()
+        self.folded = False
+
+    def _fold_into_w(self) -> None:
+        """Save W, then W <- W + delta in place (float32 sum, rounded once to W's dtype)."""
+        w = self.linear.weight.data
+        self._w_saved = w.clone()
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))  # in place: tensor pointers stay valid
+
+    def _restore_w(self) -> None:
+        """W back to the saved copy, bit-exactly and in place (a captured engine keeps valid pointers)."""
         self.linear.weight.data.copy_(self._w_saved)
         self._w_saved = None
-        self.folded = False
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W bit-exactly and reactivate the hook."""
         assert not self.active and self._w_saved is not None, "knob is not merged"
-        linear = self.linear
-        linear.weight.data.copy_(self._w_saved)  # in place: tensor pointers stay valid for a captured engine
-        self._w_saved = None
+        self._restore_w()
         self.active = True
-        self._handle = linear.register_forward_hook(_hook)
+        self._handle = self.linear.register_forward_hook(_hook)
 
 
 class _FoldedGrad(torch.autograd.Function):
@@ -252,15 +256,8 @@ def ablate_quarantine(knobs: dict[str, SVDKnob]) -> Iterator[None]:
 @contextlib.contextmanager
 def merged(knobs: dict[str, SVDKnob]) -> Iterator[None]:
     """Knobs folded into W inside (plain Linears, hooks quiet), W restored bit-exactly on exit."""
-    done: list[SVDKnob] = []
-    try:
-        for k in knobs.values():
-            k.merge()
-            done.append(k)
+    with _each(knobs, SVDKnob.merge, SVDKnob.unmerge):
         yield
-    finally:
-        for k in done:
-            k.unmerge()
 
 
 @contextlib.contextmanager
@@ -268,15 +265,22 @@ def folded(knobs: dict[str, SVDKnob]) -> Iterator[None]:
     """Knobs folded into W for a training forward and backward (run the backward inside): the same outputs and
     knob gradients as the hooks, up to W's rounding, for one GEMM per Linear in the forward. W restored bit-exactly
     on exit. The knobs must not change inside."""
+    with _each(knobs, SVDKnob.fold, SVDKnob.unfold):
+        yield
+
+
+@contextlib.contextmanager
+def _each(knobs: dict[str, SVDKnob], enter, leave) -> Iterator[None]:
+    """enter(k) for every knob, leave(k) on exit for each one entered (also when a later enter fails)."""
     done: list[SVDKnob] = []
     try:
         for k in knobs.values():
-            k.fold()
+            enter(k)
             done.append(k)
         yield
     finally:
         for k in done:
-            k.unfold()
+            leave(k)
 
 
 def fingerprint(model_id: str, knobs: dict[str, SVDKnob]) -> str:
