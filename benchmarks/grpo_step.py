@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollout  # noqa: E402
 
-from projected_grpo import adapter, engine, grpo  # noqa: E402
+from projected_grpo import adapter, engine, grpo, models  # noqa: E402
 
 SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold")
 
@@ -94,36 +94,29 @@ def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: t
     `ref_all` when given), the policy's, the Dr.GRPO loss with K3 KL, backward; then clip and AdamW.
     `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. `fold` (needs
     `ref_all`): the knobs folded into W for the pass (adapter.folded). -> the summed loss."""
+    ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
     params = adapter.knob_params(knobs)
     opt.zero_grad(set_to_none=True)
     assert not fold or beta <= 0 or ref_all is not None, "fold needs the reference log-probs first"
     model.train()  # turns gradient checkpointing on
+    tot = 0.0
     with adapter.folded(knobs) if fold else contextlib.nullcontext():
-        tot = _micro_batches(model, knobs, roll, adv, micro_batch, beta, denom, ref_all)
+        for i in range(0, ids.shape[0], micro_batch):
+            sl = slice(i, i + micro_batch)
+            ref = None if beta <= 0 or ref_all is None else ref_all[sl]
+            if beta > 0 and ref is None:
+                with torch.no_grad(), adapter.zeroed(knobs):
+                    ref = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
+            lp = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
+            loss, _ = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(lp.device), mask[sl], clip=0.2, beta=beta,
+                                     denom=denom)
+            loss.backward()
+            tot += float(loss.detach())
     model.eval()
     if reduce is not None:
         reduce([p.grad for p in params])
     torch.nn.utils.clip_grad_norm_(params, 10.0)
     opt.step()
-    return tot
-
-
-def _micro_batches(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: engine.Rollout,
-                   adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
-                   ref_all: torch.Tensor | None) -> float:
-    ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
-    tot = 0.0
-    for i in range(0, ids.shape[0], micro_batch):
-        sl = slice(i, i + micro_batch)
-        ref = None if beta <= 0 or ref_all is None else ref_all[sl]
-        if beta > 0 and ref is None:
-            with torch.no_grad(), adapter.zeroed(knobs):
-                ref = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
-        lp = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
-        loss, _ = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(lp.device), mask[sl], clip=0.2, beta=beta,
-                                 denom=denom)
-        loss.backward()
-        tot += float(loss.detach())
     return tot
 
 
@@ -150,7 +143,7 @@ def main() -> None:
     rollout.DEVICE = a.device
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     model = rollout.random_model(a.shape)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models.enable_checkpointing(model)
     model.eval()
     t0 = time.perf_counter()
     knobs = attach_random_knobs(model, a.rank_cap)
@@ -174,7 +167,7 @@ def main() -> None:
         if "nockpt" in sched:
             model.gradient_checkpointing_disable()
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.enable_checkpointing(model)
         # rollout, knob merged into W
         t_gen = time.perf_counter()
         with torch.no_grad(), adapter.merged(knobs):

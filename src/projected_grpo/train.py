@@ -89,39 +89,31 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
                   step: int, ref_all: Tensor | None = None, fold: bool = False) -> None:
     """Accumulate ∇ of the GRPO loss of these sequences into the knobs' .grad, `g.micro_batch` rows at a time.
     ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,), ref_all (B, T) the reference log-probs
-    when already computed (else computed here). `fold`: the knobs folded into W for the pass (adapter.folded).
-    Adds loss, kl_sum, tokens, clipped and the summed completion log-prob (logp_<who>, tokens_<who>) into
-    `totals`."""
+    when already computed (else computed here, all of it first: under `fold` the reference needs the unfolded W).
+    `fold`: the knobs folded into W for the pass (adapter.folded). Adds loss, kl_sum, tokens, clipped and the summed
+    completion log-prob (logp_<who>, tokens_<who>) into `totals`."""
     device = next(iter(knobs.values())).dS.device
-    if fold and ref_all is None:  # the reference needs the unfolded W: all of it first
-        ref_all = reference_logprobs(model, knobs, ids, attn, n_prompt, g)
+    if ref_all is None:
+        ref_all = reference_logprobs(model, knobs, ids, attn, n_prompt, g)  # None when β = 0
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     with adapter.folded(knobs) if fold else contextlib.nullcontext():
-        _micro_batches(model, knobs, ids, attn, cmask, n_prompt, adv, g, denom, totals, who, step, ref_all, device)
+        for i in range(0, ids.shape[0], g.micro_batch):
+            sl = slice(i, i + g.micro_batch)
+            x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
+            ref = ref_all[sl].to(device) if ref_all is not None else None  # (b, T)
+            lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
+            loss, st = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(device), m, clip=g.clip, beta=g.beta,
+                                      denom=denom)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: non-finite loss in the {who} pass (micro-batch at row {i}); "
+                                         "lower --lr or --beta")
+            loss.backward()
+            totals["loss"] += float(loss.detach())
+            totals[f"logp_{who}"] += float((lp.detach() * m).sum())
+            totals[f"tokens_{who}"] += float(st["tokens"])
+            for key in ("kl_sum", "tokens", "clipped"):
+                totals[key] += float(st[key])
     model.eval()
-
-
-def _micro_batches(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
-                   n_prompt: int, adv: Tensor, g: GRPOConfig, denom: float, totals: dict[str, float], who: str,
-                   step: int, ref_all: Tensor | None, device: torch.device) -> None:
-    for i in range(0, ids.shape[0], g.micro_batch):
-        sl = slice(i, i + g.micro_batch)
-        x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
-        ref = ref_all[sl].to(device) if ref_all is not None else None
-        if g.beta > 0 and ref is None:  # the reference is the same model with the knobs zeroed
-            with torch.no_grad(), adapter.zeroed(knobs):
-                ref = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
-        lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
-        loss, st = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(device), m, clip=g.clip, beta=g.beta, denom=denom)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: non-finite loss in the {who} pass (micro-batch at row {i}); "
-                                     "lower --lr or --beta")
-        loss.backward()
-        totals["loss"] += float(loss.detach())
-        totals[f"logp_{who}"] += float((lp.detach() * m).sum())
-        totals[f"tokens_{who}"] += float(st["tokens"])
-        for key in ("kl_sum", "tokens", "clipped"):
-            totals[key] += float(st[key])
 
 
 def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, n_prompt: int,
