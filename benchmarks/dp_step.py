@@ -35,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpo_step  # noqa: E402
 import rollout  # noqa: E402
 
-from projected_grpo import adapter, distributed, engine, grpo  # noqa: E402
+from projected_grpo import adapter, distributed, engine, grpo, models  # noqa: E402
 
 
 def worker(a: argparse.Namespace) -> None:
     d = distributed.setup(a.device)
     rollout.DEVICE = a.device
     model = rollout.random_model(a.shape)  # seeded: the same weights on every rank
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models.enable_checkpointing(model)
     torch.manual_seed(1)
     knobs = grpo_step.attach_random_knobs(model, None)
     params = adapter.knob_params(knobs)

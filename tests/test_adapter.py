@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from projected_grpo import adapter  # noqa: E402
+from projected_grpo import adapter, models  # noqa: E402
 from projected_grpo.adapter import AdapterConfig  # noqa: E402
 
 
@@ -200,12 +200,8 @@ def test_folded_training_pass_matches_the_hooks_in_output_and_knob_gradients(cfg
     knobs = adapter.attach(model, cfg, "tiny-test")
     randomize(knobs, scale=0.3)
     w0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "svd_knob")}
-    if checkpointing:  # as models.load turns it on
-        kw = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if checkpointing:
+        models.enable_checkpointing(model)
         model.train()
     weights = torch.randn(2, 8, 97, generator=torch.Generator().manual_seed(5))
 

@@ -372,6 +372,15 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
     return name, name
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing (active in train mode), under either transformers name for it."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def eos_ids_of(tokenizer, model: nn.Module) -> list[int]:
     """Stop tokens: <|im_end|> when the vocabulary has it, the tokenizer's eos and the generation config's."""
     ids: list[int] = []
@@ -410,11 +419,7 @@ def load(cfg: ModelConfig) -> Loaded:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:  # active in train mode only
-        kw = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        enable_checkpointing(model)
         # non-reentrant checkpointing needs no grad on the inputs; the hook transformers adds for it would also make
         # a weight-reading engine refuse the model
         model.disable_input_require_grads()
