@@ -136,12 +136,17 @@ def test_padded_inf_logprobs_give_a_finite_loss_and_finite_gradients(beta):
 # --- per-token log-probs -------------------------------------------------------------------------------------------
 
 
-def naive_logprobs(model, ids, attn, n_prompt, temperature=1.0):
-    pos = grpo.position_ids(attn)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits.float()  # (B, T, V)
+def naive_logprobs_with_grad(model, ids, attn, n_prompt, temperature=1.0):
+    """The whole-logits computation with the left-padded rows as they are and a padding mask."""
+    pos = (attn.long().cumsum(dim=1) - 1).clamp(min=0)  # 0 at each row's first real token, as the sampler
+    logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=pos).logits.float()  # (B, T, V)
     logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     return logp[:, n_prompt - 1:]
+
+
+def naive_logprobs(model, ids, attn, n_prompt, temperature=1.0):
+    with torch.no_grad():
+        return naive_logprobs_with_grad(model, ids, attn, n_prompt, temperature)
 
 
 def test_token_logprobs_matches_naive_and_is_microbatch_independent():
@@ -160,6 +165,9 @@ def test_token_logprobs_matches_naive_and_is_microbatch_independent():
     assert got1.shape == (5, 5) and got1.dtype == torch.float32
     torch.testing.assert_close(got1, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got5, got1, atol=1e-5, rtol=0)
+    attn[4, 2] = False  # a gap inside a prompt is not left padding: refused, not silently mis-aligned
+    with pytest.raises(ValueError, match="left padding only"):
+        grpo.token_logprobs(model, ids, n_prompt, micro_batch=5, attention_mask=attn)
 
 
 def test_chunked_output_layer_matches_whole_logits_in_value_and_gradient(tmp_path, monkeypatch):
@@ -191,16 +199,78 @@ def test_chunked_output_layer_matches_whole_logits_in_value_and_gradient(tmp_pat
     monkeypatch.setattr(grpo, "CHUNKED_HEADS", ())
     seen.clear()
     lp_w, g_w = run()
-    assert max(seen) == 8 + 1  # the whole-logits path: every completion position (+1 kept by logits_to_keep)
+    assert max(seen) == 8 + 1 + 4  # whole logits from the earliest predicting column: the row with 4 left pads
     torch.testing.assert_close(lp_c, lp_w, atol=1e-5, rtol=0)
     for a, b in zip(g_c, g_w, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class _NaNGradOnEmptyRows(torch.autograd.Function):
+    """Identity in the forward; in the backward NaN for the query rows that attend to no key, as fused attention
+    kernels can return for fully masked rows."""
+
+    @staticmethod
+    def forward(ctx, out, empty):  # out (b, q, heads, d), empty (b, q)
+        ctx.save_for_backward(empty)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (empty,) = ctx.saved_tensors
+        return grad.masked_fill(empty[:, :, None, None], float("nan")), None
+
+
+def _nan_on_empty_rows_attention(module, query, key, value, attention_mask, **kw):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    if attention_mask is None:
+        return out, weights
+    empty = ~attention_mask.any(dim=-1)[:, 0] if attention_mask.dtype == torch.bool else \
+        (attention_mask <= torch.finfo(attention_mask.dtype).min / 2).all(dim=-1)[:, 0]  # (b, q)
+    return _NaNGradOnEmptyRows.apply(out, empty.expand(out.shape[0], -1)), weights
+
+
+def test_a_kernel_nan_on_fully_masked_rows_never_reaches_the_knob_gradient(tmp_path):
+    """Left padding gives query rows that attend to nothing; a fused kernel's NaN gradient there poisons every knob
+    (shared parameters) although the loss never reads those rows. token_logprobs runs rows right-aligned under a
+    plain causal mask, so no such row exists and the gradient equals the padded computation's where that is finite."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("nan_on_empty_rows", _nan_on_empty_rows_attention)
+    AttentionMaskInterface.register("nan_on_empty_rows", sdpa_mask)
+    model = tiny_qwen3()
+    knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), "tiny-grpo")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 50, (3, 12), generator=g)
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    attn[0, :3] = False  # left padding: rows 0 and 2 have query positions with no key to attend to
+    attn[2, :1] = False
+    ids[~attn] = 0
+    n_prompt, weights = 6, torch.randn(3, 6, generator=g)
+
+    def grads(logprobs):
+        for k in knobs.values():
+            k.dS.grad = None
+        (logprobs() * weights).sum().backward()
+        return [k.dS.grad.clone() for k in knobs.values()]
+
+    model.set_attn_implementation("sdpa")
+    want = grads(lambda: naive_logprobs_with_grad(model, ids, attn, n_prompt))
+    model.set_attn_implementation("nan_on_empty_rows")
+    poisoned = grads(lambda: naive_logprobs_with_grad(model, ids, attn, n_prompt))
+    assert not all(torch.isfinite(p).all() for p in poisoned)  # the emulated kernel bites on the padded layout
+    got = grads(lambda: grpo.token_logprobs(model, ids, n_prompt, 2, attn))
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 class _FixedLogits(torch.nn.Module):
     """Every position's logits are ln(4, 2, 1): p = (4, 2, 1)/7 at T = 1, (16, 4, 1)/21 at T = 0.5."""
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
+    def forward(self, input_ids, position_ids, logits_to_keep, use_cache):
         b = input_ids.shape[0]
         row = torch.log(torch.tensor([4.0, 2.0, 1.0]))
         return transformers.modeling_outputs.CausalLMOutputWithPast(logits=row.expand(b, logits_to_keep, 3))

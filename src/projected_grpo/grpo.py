@@ -51,11 +51,6 @@ def zero_variance_groups(rewards: Float[Tensor, "P G"]) -> Bool[Tensor, " P"]:
     return (valid.sum(dim=1) < 2) | ((hi - lo) < ZERO_VAR_TOL)
 
 
-def position_ids(attention_mask: Bool[Tensor, "B T"]) -> Int[Tensor, "B T"]:
-    """Positions that skip left padding, as HF generate uses them: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 LOGPROB_CHUNK = 128
 """Completion positions per chunk of the output layer in `token_logprobs` (see there)."""
 
@@ -73,19 +68,42 @@ def _picked_logprobs(head: nn.Module, h: Float[Tensor, "b c H"], targets: Int[Te
     return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
+def right_aligned(ids: Int[Tensor, "b T"], attention_mask: Bool[Tensor, "b T"], n_prompt: int
+                  ) -> tuple[Int[Tensor, "b T"], Int[Tensor, "b T_new"]]:
+    """Each row's tokens moved to start at column 0 (its left padding wrapped round to the end), and for every
+    completion column t >= n_prompt the column of the shifted row whose state predicts ids[:, t]. A causal model
+    run on the shifted rows needs no attention mask: every real position sees exactly its own row's real tokens,
+    at the positions the sampler gave them (0 at the first real token)."""
+    B, T = ids.shape
+    if not bool((attention_mask[:, 1:n_prompt].int() >= attention_mask[:, :n_prompt - 1].int()).all()):
+        raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
+                         "(False then True); got a gap inside a prompt")
+    pad = n_prompt - attention_mask[:, :n_prompt].sum(dim=1)  # (b,)
+    cols = torch.arange(T, device=ids.device)
+    shifted = ids.gather(1, (cols[None] + pad[:, None]) % T)  # (b, T)
+    pred = (n_prompt - 1 - pad)[:, None] + cols[None, :T - n_prompt]  # (b, T_new)
+    return shifted, pred
+
+
 def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, micro_batch: int,
                    attention_mask: Bool[Tensor, "B T"] | None = None, *,
                    temperature: float = 1.0) -> Float[Tensor, "B T_new"]:
     """log p_T(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32, where p_T =
     softmax(logits / T) is the distribution the rollouts were sampled at (as TRL and verl compute it; top-p is not
-    applied). `temperature` 0 means greedy sampling and uses T = 1.
+    applied). `temperature` 0 means greedy sampling and uses T = 1. `attention_mask` is False on each row's left
+    padding (what follows a row's end is masked by the caller's completion mask, not here).
+
+    The model never gets a padding mask: each micro-batch is run right-aligned (`right_aligned`: real tokens from
+    column 0, padding at the end) under a plain causal mask. A left-padded row has query positions that may attend
+    to nothing; fused attention kernels can return NaN gradients for such fully masked rows, and through the knobs'
+    shared parameters one such row poisons the whole step's gradient although the loss never reads it. Plain
+    causal attention also takes the faster kernels.
 
     Runs `micro_batch` rows at a time over the completion positions only, so the full (B, T, V) logits are never
     held. For the model types in CHUNKED_HEADS the output layer and the float32 log-softmax run on LOGPROB_CHUNK
     positions at a time, each chunk recomputed in the backward pass instead of kept (torch.utils.checkpoint): with a
     150k vocabulary that is the difference between ~0.6 GB and ~8 GB of logits and their copies per micro-batch of
-    8 × 512 positions. Keeps the autograd graph (call under `torch.no_grad()` for reference / old log-probs).
-    `attention_mask` (False on left padding) also sets the position ids, so the numbers match the sampler's."""
+    8 × 512 positions. Keeps the autograd graph (call under `torch.no_grad()` for reference / old log-probs)."""
     B, T = ids.shape
     t_new = T - n_prompt
     assert 0 < n_prompt < T and micro_batch >= 1, (n_prompt, T, micro_batch)
@@ -101,12 +119,16 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
         x = ids[i:i + micro_batch]  # (b, T)
         am = torch.ones_like(x, dtype=torch.bool) if attention_mask is None else attention_mask[i:i + micro_batch]
         targets = x[:, n_prompt:]  # (b, t_new)
-        kw = dict(input_ids=x, attention_mask=am.long(), position_ids=position_ids(am), use_cache=False)
+        shifted, pred = right_aligned(x, am.to(torch.bool), n_prompt)  # (b, T), (b, t_new)
+        kw = dict(input_ids=shifted, position_ids=torch.arange(T, device=x.device).expand_as(x), use_cache=False)
         if not chunked:
-            logits = model(**kw, logits_to_keep=t_new + 1).logits  # (b, t_new + 1, V): positions n_prompt-1 .. T-1
-            out.append(_picked_logprobs(nn.Identity(), logits[:, :-1], targets, scale))  # position t predicts t + 1
+            first = int(pred.min())  # the earliest predicting column of any row: keep the logits from there on
+            logits = model(**kw, logits_to_keep=T - first).logits  # (b, T - first, V)
+            logits = logits.gather(1, (pred - first)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, t_new, V)
+            out.append(_picked_logprobs(nn.Identity(), logits, targets, scale))
             continue
-        h = body(**kw).last_hidden_state[:, n_prompt - 1:-1]  # (b, t_new, H): the states that predict the targets
+        h = body(**kw).last_hidden_state  # (b, T, H)
+        h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_new, H): the states that predict
         parts = []
         for j in range(0, t_new, LOGPROB_CHUNK):
             hj, tj = h[:, j:j + LOGPROB_CHUNK], targets[:, j:j + LOGPROB_CHUNK]
