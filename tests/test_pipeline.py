@@ -272,3 +272,48 @@ def test_a_job_out_of_gpu_memory_beside_others_is_retried_with_one_fewer_side_by
     assert status == {"a": "done", "b": "done", "c": "done", "d": "failed"}
     assert [n for n, _ in starts] == ["a", "b", "b", "c", "d"]  # b again, first in line
     assert all(beside == 0 for _, beside in starts[2:])  # after the out-of-memory, one job at a time on that GPU
+
+
+def test_a_job_out_of_gpu_memory_held_by_other_processes_waits_for_them_then_retries(tmp_path, monkeypatch):
+    """Alone of this sweep on its GPU, a job that ran out of memory while other processes (another sweep) held the
+    GPU is not failed: it waits until some of that memory is freed, then runs again; without such processes, or after
+    OOM_RETRIES, it fails as before."""
+    cfg = PRESETS["fast-dev-run"]
+    jobs = experiment.plan([experiment.Job(n, "train", dataclasses.replace(cfg, run_dir=str(tmp_path / n)))
+                            for n in ("a", "b")])
+    script = {"a": [(config.GPU_OOM_EXIT, 1), (0, 1)],
+              "b": [(config.GPU_OOM_EXIT, 1)] * (experiment.OOM_RETRIES + 1)}
+    used = {"now": 60_000.0}  # MiB held on GPU 0 by a process outside this sweep
+    starts = []
+
+    class Log:
+        def close(self):
+            pass
+
+    def start(root, j, slot, warm=False):
+        rc, polls = script[j.name].pop(0)
+        starts.append((j.name, used["now"]))
+        return _FakeJob(rc, polls), 0.0, Log()
+
+    polls = []
+
+    def smi(gpu):
+        polls.append(gpu)
+        if len(polls) == 4:  # the other process frees its memory after a few polls
+            used["now"] = 20_000.0
+        return used["now"]
+
+    monkeypatch.setattr(experiment, "_start", start)
+    monkeypatch.setattr(experiment, "gpu_memory_used_mib", smi)
+    monkeypatch.setattr(experiment.time, "time", iter(range(0, 10**9, 11)).__next__)  # 11 s per call: no real wait
+    status = experiment.run_jobs(tmp_path, jobs[:1], [experiment.Slot("0", 1)])
+    assert status == {"a": "done"}
+    assert starts == [("a", 60_000.0), ("a", 20_000.0)]  # retried only once memory was freed
+    starts.clear()
+    status = experiment.run_jobs(tmp_path, jobs[1:], [experiment.Slot("0", 1)])
+    assert status == {"b": "failed"} and len(starts) == experiment.OOM_RETRIES + 1
+    monkeypatch.setattr(experiment, "gpu_memory_used_mib", lambda gpu: None)  # unknown (CPU, no nvidia-smi): fail
+    script["b"] = [(config.GPU_OOM_EXIT, 1), (0, 1)]
+    (tmp_path / "jobs" / "b" / "status").unlink(missing_ok=True)
+    starts.clear()
+    assert experiment.run_jobs(tmp_path, jobs[1:], [experiment.Slot("0", 1)]) == {"b": "failed"} and len(starts) == 1

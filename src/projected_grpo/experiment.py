@@ -241,6 +241,26 @@ def prepare(root: Path, jobs: list[Job], force: bool) -> None:
             shutil.rmtree(job_dir(root, j.name))
 
 
+OOM_WAIT_S = 1800
+"""How long a train job that ran out of GPU memory with no other job of this sweep on its GPU waits for other
+processes there to free memory before it is failed."""
+OOM_RETRIES = 3
+"""How often such a job is retried (each time after some memory was freed)."""
+
+
+def gpu_memory_used_mib(gpu: str | None) -> float | None:
+    """MiB in use on GPU `gpu` (a CUDA_VISIBLE_DEVICES index) by any process, from nvidia-smi; None when unknown
+    (no GPU, no nvidia-smi). Asked from the runner, which must not initialise CUDA itself (it forks jobs)."""
+    if gpu is None or not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", gpu],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None
+
+
 def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc: str = "jobs",
              warm: bool = False) -> dict[str, str]:
     """Run the planned jobs, parents first, up to len(slots) at a time. Returns name -> final status."""
@@ -260,6 +280,10 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
             todo.append(j)
     free = list(range(len(slots)))
     running: dict[str, tuple[subprocess.Popen, int, float, object]] = {}
+    # out of memory with none of ours beside it, while other processes held the GPU: name -> (GPU, MiB in use then,
+    # when, retries so far); the job waits until some of that memory is freed
+    waiting: dict[str, tuple[str, float, float, int]] = {}
+    polled = 0.0
     bar = tqdm(total=len(jobs), initial=len(status), desc=desc, unit="job", dynamic_ncols=True, mininterval=5)
     shown = ""
     try:
@@ -276,8 +300,21 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     continue
                 if any(p not in status for p in j.parents) or not free:
                     continue
+                slot_i = None
+                if j.name in waiting:
+                    gpu, used, since, _ = waiting[j.name]
+                    if time.time() - polled < 10:
+                        continue
+                    polled = time.time()
+                    now_used = gpu_memory_used_mib(gpu)
+                    if now_used is not None and now_used > used - 1024 and time.time() - since < OOM_WAIT_S:
+                        continue  # nothing freed yet on its GPU
+                    slot_i = next((i for i in free if slots[i].gpu == gpu), None)
+                    if slot_i is None:
+                        continue
+                    free.remove(slot_i)
                 todo.remove(j)
-                slot_i = free.pop(0)
+                slot_i = free.pop(0) if slot_i is None else slot_i
                 running[j.name] = (*_start(root, j, slots[slot_i], warm), slot_i)
             now = ", ".join(running)
             if now != shown:
@@ -299,6 +336,18 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     left = sum(slots[i].gpu == slots[slot_i].gpu for i in free) + len(beside)
                     bar.write(f"  ↻ {name} ran out of GPU memory beside {len(beside)} other job(s) on GPU "
                               f"{slots[slot_i].gpu}: retrying it; {left} side by side there from now on")
+                    continue
+                used = gpu_memory_used_mib(slots[slot_i].gpu) if rc == config.GPU_OOM_EXIT else None
+                tries = waiting.pop(name, (None, 0.0, 0.0, 0))[3]
+                if used is not None and used >= 1024 and tries < OOM_RETRIES and by_name[name].command == "train":
+                    # alone of ours on that GPU, and other processes hold memory there: wait for them, then retry
+                    waiting[name] = (slots[slot_i].gpu, used, time.time(), tries + 1)
+                    todo.insert(0, by_name[name])
+                    free.append(slot_i)
+                    _write_status(root, name, "pending")
+                    bar.write(f"  ↻ {name} ran out of GPU memory on GPU {slots[slot_i].gpu}, where other processes "
+                              f"hold {used / 1024:.0f} GiB: retrying it once some is freed (retry {tries + 1} of "
+                              f"{OOM_RETRIES}, at most {OOM_WAIT_S // 60} min of waiting)")
                     continue
                 free.append(slot_i)
                 # a FAIL verdict of verify-vhack is a result (the report's V column), not a failed job
