@@ -160,7 +160,9 @@ def _check_finite(step: int, grads: dict[str, Tensor], what: str) -> None:
     bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
     if bad:
         raise FloatingPointError(f"step {step}: non-finite {what} gradient in {bad[0]}"
-                                 f"{f' (+{len(bad) - 1} more modules)' if len(bad) > 1 else ''}; lower --lr or --beta")
+                                 f"{f' (+{len(bad) - 1} more modules)' if len(bad) > 1 else ''} although every loss of "
+                                 "the step was finite: the backward pass made it (check the weights and the attention "
+                                 "kernel; lowering --lr or --beta helps only a diverging run)")
 
 
 def _mean(xs: list[float]) -> float | None:
