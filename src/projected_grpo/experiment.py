@@ -283,7 +283,7 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
     # out of memory with none of ours beside it, while other processes held the GPU: name -> (GPU, MiB in use then,
     # when, retries so far); the job waits until some of that memory is freed
     waiting: dict[str, tuple[str, float, float, int]] = {}
-    polled = 0.0
+    polled: dict[str, tuple[float, float | None]] = {}  # GPU -> (when, MiB in use): nvidia-smi at most every 10 s
     bar = tqdm(total=len(jobs), initial=len(status), desc=desc, unit="job", dynamic_ncols=True, mininterval=5)
     shown = ""
     try:
@@ -303,10 +303,9 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                 slot_i = None
                 if j.name in waiting:
                     gpu, used, since, _ = waiting[j.name]
-                    if time.time() - polled < 10:
-                        continue
-                    polled = time.time()
-                    now_used = gpu_memory_used_mib(gpu)
+                    if time.time() - polled.get(gpu, (-1e9, None))[0] >= 10:
+                        polled[gpu] = (time.time(), gpu_memory_used_mib(gpu))
+                    now_used = polled[gpu][1]
                     if now_used is not None and now_used > used - 1024 and time.time() - since < OOM_WAIT_S:
                         continue  # nothing freed yet on its GPU
                     slot_i = next((i for i in free if slots[i].gpu == gpu), None)

@@ -74,7 +74,7 @@ def right_aligned(ids: Int[Tensor, "b T"], attention_mask: Bool[Tensor, "b T"], 
     completion column t >= n_prompt the column of the shifted row whose state predicts ids[:, t]. A causal model
     run on the shifted rows needs no attention mask: every real position sees exactly its own row's real tokens,
     at the positions the sampler gave them (0 at the first real token)."""
-    B, T = ids.shape
+    T = ids.shape[1]
     if not bool((attention_mask[:, 1:n_prompt].int() >= attention_mask[:, :n_prompt - 1].int()).all()):
         raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
                          "(False then True); got a gap inside a prompt")
