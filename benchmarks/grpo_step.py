@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     ap.add_argument("--schedules", default="sequential,overlap",
-                    help="comma-separated: sequential, overlap, overlap_nockpt")
+                    help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     a = ap.parse_args()
     schedules = [s for s in a.schedules.split(",") if s]
     if not schedules or any(s not in SCHEDULES for s in schedules):

@@ -281,8 +281,9 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
     free = list(range(len(slots)))
     running: dict[str, tuple[subprocess.Popen, int, float, object]] = {}
     # out of memory with none of ours beside it, while other processes held the GPU: name -> (GPU, MiB in use then,
-    # when, retries so far); the job waits until some of that memory is freed
-    waiting: dict[str, tuple[str, float, float, int]] = {}
+    # when); the job waits until some of that memory is freed. oom_waits: how often each job has waited so far
+    waiting: dict[str, tuple[str, float, float]] = {}
+    oom_waits: dict[str, int] = {}
     polled: dict[str, tuple[float, float | None]] = {}  # GPU -> (when, MiB in use): nvidia-smi at most every 10 s
     bar = tqdm(total=len(jobs), initial=len(status), desc=desc, unit="job", dynamic_ncols=True, mininterval=5)
     shown = ""
@@ -300,9 +301,9 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     continue
                 if any(p not in status for p in j.parents) or not free:
                     continue
-                slot_i = None
-                if j.name in waiting:
-                    gpu, used, since, _ = waiting[j.name]
+                slot_i = free[0]
+                if j.name in waiting:  # back on its own GPU once some memory there was freed (or the wait is over)
+                    gpu, used, since = waiting[j.name]
                     if time.time() - polled.get(gpu, (-1e9, None))[0] >= 10:
                         polled[gpu] = (time.time(), gpu_memory_used_mib(gpu))
                     now_used = polled[gpu][1]
@@ -311,9 +312,9 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     slot_i = next((i for i in free if slots[i].gpu == gpu), None)
                     if slot_i is None:
                         continue
-                    free.remove(slot_i)
+                    del waiting[j.name]
                 todo.remove(j)
-                slot_i = free.pop(0) if slot_i is None else slot_i
+                free.remove(slot_i)
                 running[j.name] = (*_start(root, j, slots[slot_i], warm), slot_i)
             now = ", ".join(running)
             if now != shown:
@@ -337,10 +338,11 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                               f"{slots[slot_i].gpu}: retrying it; {left} side by side there from now on")
                     continue
                 used = gpu_memory_used_mib(slots[slot_i].gpu) if rc == config.GPU_OOM_EXIT else None
-                tries = waiting.pop(name, (None, 0.0, 0.0, 0))[3]
+                tries = oom_waits.get(name, 0)
                 if used is not None and used >= 1024 and tries < OOM_RETRIES and by_name[name].command == "train":
                     # alone of ours on that GPU, and other processes hold memory there: wait for them, then retry
-                    waiting[name] = (slots[slot_i].gpu, used, time.time(), tries + 1)
+                    waiting[name] = (slots[slot_i].gpu, used, time.time())
+                    oom_waits[name] = tries + 1
                     todo.insert(0, by_name[name])
                     free.append(slot_i)
                     _write_status(root, name, "pending")

@@ -128,7 +128,7 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
             out.append(_picked_logprobs(nn.Identity(), logits, targets, scale))
             continue
         h = body(**kw).last_hidden_state  # (b, T, H)
-        h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_new, H): the states that predict
+        h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_new, H): the states predicting targets
         parts = []
         for j in range(0, t_new, LOGPROB_CHUNK):
             hj, tj = h[:, j:j + LOGPROB_CHUNK], targets[:, j:j + LOGPROB_CHUNK]
