@@ -5,14 +5,15 @@
 Qwen3-4B shape with random init (speed does not depend on the values), the SVD knob on every attention and MLP
 Linear (full rank; random factors instead of an SVD, which would only cost setup time), bf16, gradient checkpointing.
 A step: rollout with the knob merged (static engine, G forced completions of one prompt, temperature 0.7, top-p 0.95)
--> grade -> advantages -> per micro-batch: reference log-probs (knobs zeroed, no grad) + policy log-probs + Dr.GRPO
-loss with K3 KL -> backward -> clip -> AdamW step; as the trainer's loop does.
+-> grade -> advantages -> the trainer's own backward pass (`train.backward_pass`: reference log-probs with the knobs
+zeroed, no grad; per micro-batch the policy log-probs + Dr.GRPO loss with K3 KL -> backward) -> clip -> AdamW step.
 
 Grading: the model's text is random, so each row is graded as one of the 119-problem split's canonical solutions
 (every test runs: the slow case), with random rewards for the advantages (so no group is skipped).
 
 Two schedules, measured in the same run (`--schedules`, steps alternating between them):
-- sequential: generate -> grade -> train (reference log-probs inside each micro-batch), one after another;
+- sequential: generate -> grade -> train (the reference log-probs of every row, then the policy pass), one after
+  another;
 - overlap (the trainer's): generate -> [grade in worker processes | the reference log-probs of every row, no grad]
   -> train with those reference log-probs. The last line prints overlap's step time over sequential's;
 - overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory);
@@ -23,7 +24,6 @@ Two schedules, measured in the same run (`--schedules`, steps alternating betwee
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import random
@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollout  # noqa: E402
 
-from projected_grpo import adapter, engine, grpo, models  # noqa: E402
+from projected_grpo import adapter, engine, grpo, models, train  # noqa: E402
+from projected_grpo.config import GRPOConfig  # noqa: E402
 
 SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold")
 
@@ -79,45 +80,36 @@ def grader_or_reason(path: str):
     return (grader, problems), ""
 
 
+def grpo_config(micro_batch: int, beta: float) -> GRPOConfig:
+    """The trainer's GRPO settings for this benchmark: the seed's sampling temperature and clip range."""
+    return GRPOConfig(micro_batch=micro_batch, beta=beta, clip=0.2, temperature=0.7)
+
+
 def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: engine.Rollout,
-              micro_batch: int) -> torch.Tensor:
+              micro_batch: int, beta: float = 1e-3) -> torch.Tensor | None:
     """Every row's reference log-probs (knobs zeroed, no grad) -> (B, T), as the trainer computes them while the
-    grader works."""
-    with torch.no_grad(), adapter.zeroed(knobs):
-        return grpo.token_logprobs(model, roll.ids, roll.prompt_len, micro_batch, roll.attention_mask())
+    grader works (`train.reference_logprobs`); None when beta = 0."""
+    return train.reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.prompt_len,
+                                    grpo_config(micro_batch, beta))
 
 
 def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: torch.optim.Optimizer,
                roll: engine.Rollout, adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
                ref_all: torch.Tensor | None = None, reduce=None, fold: bool = False) -> float:
-    """As the trainer's backward pass: per micro-batch the reference log-probs (knobs zeroed, no grad; taken from
-    `ref_all` when given), the policy's, the Dr.GRPO loss with K3 KL, backward; then clip and AdamW.
-    `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. `fold` (needs
-    `ref_all`): the knobs folded into W for the pass (adapter.folded). -> the summed loss."""
-    ids, am, mask, n_prompt = roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len
+    """The trainer's backward pass (`train.backward_pass`: the reference log-probs of every row first unless
+    `ref_all` holds them, then per micro-batch the policy's, the Dr.GRPO loss with K3 KL, backward), then clip and
+    AdamW. `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. `fold`:
+    the knobs folded into W for the pass (adapter.folded). -> the summed loss."""
     params = adapter.knob_params(knobs)
     opt.zero_grad(set_to_none=True)
-    assert not fold or beta <= 0 or ref_all is not None, "fold needs the reference log-probs first"
-    model.train()  # turns gradient checkpointing on
-    tot = 0.0
-    with adapter.folded(knobs) if fold else contextlib.nullcontext():
-        for i in range(0, ids.shape[0], micro_batch):
-            sl = slice(i, i + micro_batch)
-            ref = None if beta <= 0 or ref_all is None else ref_all[sl]
-            if beta > 0 and ref is None:
-                with torch.no_grad(), adapter.zeroed(knobs):
-                    ref = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
-            lp = grpo.token_logprobs(model, ids[sl], n_prompt, micro_batch, am[sl])  # (b, T)
-            loss, _ = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(lp.device), mask[sl], clip=0.2, beta=beta,
-                                     denom=denom)
-            loss.backward()
-            tot += float(loss.detach())
-    model.eval()
+    totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_bench", "tokens_bench"), 0.0)
+    train.backward_pass(model, knobs, roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len, adv,
+                        grpo_config(micro_batch, beta), denom, totals, "bench", 0, ref_all, fold)
     if reduce is not None:
         reduce([p.grad for p in params])
     torch.nn.utils.clip_grad_norm_(params, 10.0)
     opt.step()
-    return tot
+    return totals["loss"]
 
 
 def main() -> None:
@@ -182,7 +174,7 @@ def main() -> None:
             t_grade = time.perf_counter()
             with ThreadPoolExecutor(1) as ex:
                 grading = ex.submit(grader.grade_batch, probs, texts, hint, workers=a.workers) if gr else None
-                ref_all = reference(model, knobs, roll, a.micro_batch) if a.beta > 0 else None
+                ref_all = reference(model, knobs, roll, a.micro_batch, a.beta)
                 rollout.sync()
                 if grading is not None:
                     grading.result()
