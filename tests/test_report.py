@@ -133,6 +133,8 @@ def test_per_run_fields_and_provenance_do_not_split_an_experiment(tmp_path):
                        provenance={"isolation": "rlimits" if i == 2 else "bwrap", "git_commit": f"c{i}"})
             cfg |= {"grade_workers": i, "workers": i, "report_to": "none", "cpu_threads": i, "progress": bool(i)}
             cfg["model"]["cache_dir"] = f"/cache{i}"
+            cfg["model"]["gradient_checkpointing"] = bool(i)  # memory settings, same loss and gradient
+            cfg["grpo"]["micro_batch"] = 2 << i
             _run(tmp_path, f"{arm}_s{seed}", cfg, hack={"vanilla": 0.8, "erase": 0.2}[arm])
     assert main([str(tmp_path), "--no-plots"]) == 0
     rows = _tsv(tmp_path)
