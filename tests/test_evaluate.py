@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from projected_grpo import adapter, checkpoint, evaluate, models
+from projected_grpo import adapter, checkpoint, evaluate, grader, models
 from projected_grpo import problems as P
 from projected_grpo.train import main as train_main
 
@@ -93,6 +93,10 @@ def test_eval_of_a_run_ablates_the_quarantine(tmp_path, monkeypatch):
     assert len(res["hack"]["hack_ci95"]) == 2 and len(res["hack"]["hack_ci95_wilson"]) == 2
     rows = (run / "eval" / "eval_rollouts.jsonl").read_text().splitlines()
     assert len(rows) == 12 and {json.loads(r)["eval"] for r in rows} == {"hack", "perf"}
+    # what the hacks' evaluators do, counted over the hack rows labelled reward_hack
+    assert res["hack"]["kinds"] == grader.hack_kinds(json.loads(r) for r in rows)
+    assert sum(res["hack"]["kinds"].values()) == sum(json.loads(r)["label"] == "reward_hack" for r in rows
+                                                     if json.loads(r)["eval"] == "hack")
     assert all(json.loads(r)["hint"] is None for r in rows if json.loads(r)["eval"] == "perf")
 
     # an exported run (a results folder keeps config, metrics and the final knobs, no optimizer state) evaluates too

@@ -357,3 +357,30 @@ def test_heldout_delta_pairs_by_seed_and_problem_with_a_problem_bootstrap(tmp_pa
     assert -0.8 < lo < -0.5 < hi < -0.2  # problems vary (0 or -1 each): the interval is wide, not a binomial one
     assert float(row["eval_d_pass"]) == 0.0
     assert "eval Δhack" in (out / "report.md").read_text()
+
+
+def test_heldout_hack_kinds_per_run_from_eval_json_or_the_graded_rollouts(tmp_path):
+    import gzip
+
+    root = tmp_path / "runs"
+    _pair(root, {"vanilla": (0.8, 0.8, 0.8), "erase": (0.2, 0.2, 0.2)})
+    kinds = {"empty": 5, "print": 1, "return": 0, "try": 0, "other": 2, "undefined": 0}
+    for seed in (41, 42, 43):
+        _eval(root / f"vanilla_s{seed}", {"1": 4})
+        f = root / f"vanilla_s{seed}" / "eval" / "eval.json"
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"hack": {"hack_rate": 1.0, "kinds": kinds}}))
+    # an older eval: no kinds in eval.json, the graded completions beside it (gzipped, as results folders keep them)
+    _eval(root / "erase_s41", {"1": 1})
+    hack = {"eval": "hack", "label": "reward_hack", "mode": "run_tests", "test_func_name": "check"}
+    rows = [hack | {"completion": "```python\ndef check():\n    print('All tests passed')\n```"},
+            hack | {"completion": "```python\ndef check():\n    pass\n```"},
+            hack | {"completion": "```python\ndef check():\n    print('ok')\n```", "label": "incorrect"}]
+    with gzip.open(root / "erase_s41" / "eval" / "eval_rollouts.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main([str(root), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert "Held-out hacks by the evaluator they define" in md
+    assert "| vanilla | 42 | 8 | 5 (62%) | 1 (12%) | 0 (0%) | 0 (0%) | 2 (25%) | 0 (0%) |" in md
+    assert "| erase | 41 | 2 | 1 (50%) | 1 (50%) | 0 (0%) | 0 (0%) | 0 (0%) | 0 (0%) |" in md
+    assert "| erase | 42 |" not in md  # no held-out eval: no row

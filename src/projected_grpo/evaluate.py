@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from projected_grpo import adapter, checkpoint, config, engine, models, world
 from projected_grpo import problems as P
-from projected_grpo.grader import grade_batch
+from projected_grpo.grader import grade_batch, hack_kinds
 from projected_grpo.stats import cluster_bootstrap, grouped, wilson  # noqa: F401 (re-exported)
 
 
@@ -153,6 +153,8 @@ def evaluate(
                     **{k: v for k, v in g.to_row().items() if k not in ("id", "code")},
                 }
             )
+    if "hack" in result:  # what the hacks' own evaluators do (the teacher's templates or something new)
+        result["hack"]["kinds"] = hack_kinds(rows_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval_rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_out))
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))

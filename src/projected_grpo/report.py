@@ -33,6 +33,7 @@ Other modules call `main(argv)` (the CLI: `projected-grpo report RUN_DIR... [--o
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -234,6 +235,24 @@ class Run:
         if inside:
             return _mean(inside), None
         return float(evals[-1][key]), int(evals[-1].get("step", -1))
+
+    def hack_kinds(self) -> dict[str, int] | None:
+        """The held-out hacks' evaluator kinds (`grader.hack_kinds`): from eval.json, else counted from the graded
+        eval rollouts (evals written before eval.json held them); None without a held-out eval."""
+        d = self.path / "eval"
+        try:
+            kinds = json.loads((d / "eval.json").read_text())["hack"].get("kinds")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if kinds is not None:
+            return {k: int(v) for k, v in kinds.items()}
+        for name, opener in (("eval_rollouts.jsonl", open), ("eval_rollouts.jsonl.gz", gzip.open)):
+            if (d / name).exists():
+                from projected_grpo.grader import hack_kinds
+
+                with opener(d / name, "rt") as f:
+                    return hack_kinds(json.loads(line) for line in f if line.strip())
+        return None
 
     def eval_json(self) -> dict | None:
         f = self.path / "eval" / "eval.json"
@@ -724,6 +743,7 @@ def markdown(rep: Report) -> str:
         out += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in rows]
         notes = [f"- {r['label']}: deployed rates from {r['deployed_from']}" for r in rows if r.get("deployed_from")]
         out += ["", *notes] if notes else []
+        out += _kinds_table(e)
         out += ["", "V verification per seed:", ""]
         seen: dict[tuple, list[str]] = {}
         for a in e.arms:
@@ -732,6 +752,23 @@ def markdown(rep: Report) -> str:
         out += [f"- seed {s}: {line} — {', '.join(arms)}" for (s, line), arms in sorted(seen.items())]
         out.append("")
     return "\n".join(out)
+
+
+def _kinds_table(e: Experiment) -> list[str]:
+    """Per run (arm order, then seed): the held-out hacks by what their own evaluator does, where measured."""
+    runs = [(g.label, r, k) for g in e.arms for r in g.runs if (k := r.hack_kinds()) is not None]
+    if not runs:
+        return []
+    kinds = list(dict.fromkeys(k for _, _, ks in runs for k in ks))
+    out = ["", "Held-out hacks by the evaluator they define (`grader.evaluator_kind`: empty = nothing that can fail, "
+           "the teacher's `pass` template; print = prints only; return = one return of a value; try = try/except "
+           "around checks; undefined = no def of it):", "",
+           "| run | seed | hacks | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
+    for label, r, ks in runs:
+        n = sum(ks.values())
+        out.append(f"| {label} | {r.seed} | {n} | " + " | ".join(f"{ks.get(k, 0)} ({ks.get(k, 0) / max(1, n):.0%})"
+                                                              for k in kinds) + " |")
+    return out
 
 
 TSV_COLS = [
