@@ -4,8 +4,9 @@
 
 Each level starts K `projected-grpo train` processes at once (seeds 1..K, the same settings otherwise, grader
 workers shared out as the runner does) and times until the last one ends; model load, SVD and teacher-pool caches
-are warmed first by a 1-step run that is not timed. Prints one table: wall seconds, runs per GPU-hour, peak GPU
-memory per job, and the ratio to the first variant at K = 1 measured in the same run.
+are warmed first by a 1-step run that is not timed. Prints one table: wall seconds, runs per GPU-hour, the slowest
+job's start-up (process start to first step, `time_startup`) and the median step of all jobs, peak GPU memory per
+job, and the ratio to the first variant at K = 1 measured in the same run.
 
 `--variants` compares settings that trade speed for memory in the same run, each at every level, e.g.
 
@@ -19,10 +20,12 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from math import nan
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -62,30 +65,35 @@ def main() -> int:
             if any(c == GPU_OOM_EXIT for c in codes):
                 print(f"{variant or 'preset'} at {k}: {codes.count(GPU_OOM_EXIT)} of {k} jobs ran out of GPU memory; "
                       f"logs under {root}", file=sys.stderr)
-                rows.append((variant, k, float("nan"), float("nan"), float("nan")))
+                rows.append((variant, k, *[float("nan")] * 5))
                 continue
             if any(codes):
                 print(f"{variant or 'preset'} at {k}: a job failed ({codes}); logs under {root}", file=sys.stderr)
                 return 1
-            rows.append((variant, k, wall, k / wall * 3600, max(peak_gb(d) for d in dirs)))
+            steps = [s for d in dirs for s in logged(d, "time_step")]
+            rows.append((variant, k, wall, k / wall * 3600, max(max(logged(d, "time_startup"), default=nan) for d in dirs),
+                         statistics.median(steps) if steps else nan, max(max(logged(d, "gpu_peak_gb"), default=nan)
+                                                                           for d in dirs)))
     base = rows[0][3]
     print(f"\n{args.preset}, {args.steps} steps per run, {cores} CPU cores")
-    print("| variant | concurrent jobs | wall s | runs per GPU-hour | vs first row | peak GB per job |")
-    print("|---|---|---|---|---|---|")
-    for variant, k, wall, rate, peak in rows:
+    print("| variant | concurrent jobs | wall s | runs per GPU-hour | vs first row | start-up s (slowest) | median step s "
+          "| peak GB per job |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant, k, wall, rate, startup, step, peak in rows:
         name = f"`{variant}`" if variant else "preset"
         if wall != wall:  # nan: out of GPU memory
-            print(f"| {name} | {k} | out of GPU memory | – | – | – |")
+            print(f"| {name} | {k} | out of GPU memory | – | – | – | – | – |")
         else:
-            print(f"| {name} | {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x | {peak:.1f} |")
+            print(f"| {name} | {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x | {startup:.1f} | {step:.2f} | "
+                  f"{peak:.1f} |")
     return 0
 
 
-def peak_gb(run_dir: Path) -> float:
-    """The largest gpu_peak_gb a run logged (nan when it logged none, e.g. on CPU)."""
+def logged(run_dir: Path, key: str) -> list[float]:
+    """Every value of `key` a run logged in metrics.jsonl (none, e.g. gpu_peak_gb on CPU: an empty list)."""
     path = run_dir / "metrics.jsonl"
-    vals = [json.loads(line).get("gpu_peak_gb") for line in path.read_text().splitlines()] if path.exists() else []
-    return max((v for v in vals if v is not None), default=float("nan"))
+    vals = [json.loads(line).get(key) for line in path.read_text().splitlines()] if path.exists() else []
+    return [float(v) for v in vals if v is not None]
 
 
 if __name__ == "__main__":

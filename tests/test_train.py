@@ -126,6 +126,7 @@ def test_fast_dev_run_end_to_end(cache, tmp_path, capsys):
         assert key in ms[0], key
     assert ms[0]["n_student"] == g.prompts_per_step * g.n_student and ms[0]["n_teacher"] == g.prompts_per_step * g.n_teacher
     assert ms[0]["kl"] == 0.0  # the knobs start at zero: the policy is the reference
+    assert 0 < ms[0]["time_startup"] < wall and all(m["time_startup"] is None for m in ms[1:])  # once per process
     assert max(m["hack_t"] for m in ms) > 0  # the teacher pool pays hacks
     trained = [m for m in ms if m["logp_t"] is not None]
     assert trained and trained[-1]["logp_t"] > trained[0]["logp_t"]  # the student moves toward the teacher rows
@@ -239,6 +240,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path):
 
     assert train.main(["--resume", str(killed)]) == 0
     assert _strip_timing(rows(killed)) == _strip_timing(rows(whole))
+    started = [m["step"] for m in rows(killed) if m["time_startup"] is not None]  # each process's first step
+    assert started[0] == 0 and len(started) == 2
     keep = ("step", "problem_id", "source", "completion", "reward", "advantage")
     assert [{k: r[k] for k in keep} for r in rows(killed, "rollouts.jsonl")] == \
         [{k: r[k] for k in keep} for r in rows(whole, "rollouts.jsonl")]

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -54,7 +55,8 @@ class GPUOutOfMemory(RuntimeError):
     """The GPU ran out of memory in a step (the message says which setting to lower)."""
 
 
-TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step", "gpu_peak_gb")
+TIMING_KEYS = ("tokens_per_s", "time_generate", "time_grade", "time_ref", "time_train", "time_step", "time_startup",
+               "gpu_peak_gb")
 """Per-step measurements of the machine, not of the run (left out when runs are compared for reproducibility)."""
 
 
@@ -269,6 +271,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
     # --- the world: served problems and hints, model, knobs, prompt ids; the intervention; the teacher pool
     if not d.main:
         distributed.barrier(d)  # rank 0 builds (or reads) the cached model and SVDs first
+    t_begin = time.perf_counter()
     w = world.build(cfg)
     if d.main:
         distributed.barrier(d)
@@ -281,9 +284,11 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         proj, vmeta = vhack.load_projector(cfg.proj, w.fingerprint, cfg.seed, set(knobs))
         hook, post_step = (proj.on_grad, proj.after_step) if proj is not None else (None, None)
     refresh_every = cfg.proj.vhack_refresh_every if proj is not None else 0
+    t_v = time.perf_counter()
     if g.n_teacher and not d.main:
         distributed.barrier(d)  # rank 0 builds (or reads) the cached pool first
     pool = teacher_pool(cfg, problems, hints, workers) if g.n_teacher else {}
+    t_pool = time.perf_counter()
     if g.n_teacher and d.main:
         distributed.barrier(d)
     if not resume and d.main:
@@ -316,6 +321,12 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                 f"-> {run_dir}")
     logger.info("SHOULD: reward and hack_s rise over the run when the teacher pool pays hacks (vanilla arm); "
                 "kl starts at 0")
+    startup = process_age()  # process start (fork, for a sweep's warm jobs) -> first step
+    parts = {"before the run": startup - (time.perf_counter() - t_begin) if startup is not None else None,
+             **w.seconds, "V": t_v - t_begin - sum(w.seconds.values()), "teacher pool": t_pool - t_v,
+             "optimizer and resume": time.perf_counter() - t_pool}
+    logger.info(f"start-up {startup or time.perf_counter() - t_begin:.1f} s: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in parts.items() if v is not None) + " (the first step adds engine capture)")
 
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, dynamic_ncols=True, disable=not cfg.progress)
     for step in range(start, cfg.steps):
@@ -438,6 +449,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                        {"time_generate": time_generate, "time_grade": time_grade, "time_ref": time_ref,
                         "time_train": time_train,
                         "time_step": time.perf_counter() - t_step,
+                        "time_startup": startup if step == start else None,
                         "gpu_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                         else None})
         checkpoint.append_jsonl(metrics_f, [row])
@@ -472,6 +484,15 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         block = write_summary(run_dir, summary)
         logger.info("summary (student rollouts):\n" + block)
     distributed.barrier(d)  # the ranks leave together: a rank tearing gloo down while another works can abort
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc against the boot clock), else None."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def rollout(w: world.World, prompts: list[list[int]], g: GRPOConfig, *, seed: int, step: int,

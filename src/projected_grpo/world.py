@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import platform
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class World:
     system_prompt: str  # the rendered system prompt text
     prompt_ids: list[list[int]]  # per problem, the chat-templated prompt's token ids
     fingerprint: str  # model id + adapter basis: what V files and checkpoints are checked against
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # what building it took, by part
 
     @property
     def model(self) -> torch.nn.Module:
@@ -75,14 +77,18 @@ def build(cfg: Config, problems: list[P.Problem] | None = None) -> World:
     """Serve the problems (loophole modes dealt and hints drawn, seeded by cfg.seed), load the model and knobs, and
     tokenize every prompt."""
     d = cfg.data
+    t0 = time.perf_counter()
     problems = load_problems(cfg) if problems is None else problems
     served, hints = teacher.serve(problems, d.hint, d.mode_list, cfg.seed)
+    t1 = time.perf_counter()
     loaded, knobs, fp = load_model(cfg)
+    t2 = time.perf_counter()
     system = P.system_prompt(d.system_prompt)
     tok = loaded.tokenizer
     prompt_ids = [tok(P.render_prompt(tok, P.chat_messages(p, h, system)), add_special_tokens=False)["input_ids"]
                   for p, h in zip(served, hints, strict=True)]
-    return World(cfg, served, hints, loaded, knobs, system, prompt_ids, fp)
+    seconds = {"problems": t1 - t0, "model and knobs": t2 - t1, "prompts": time.perf_counter() - t2}
+    return World(cfg, served, hints, loaded, knobs, system, prompt_ids, fp, seconds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
