@@ -218,6 +218,7 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
           resume_dir: str | Path | None = None) -> Path:
     """Run (or resume) one GRPO run; returns its run directory. One process writes a run directory at a time.
     Under torchrun each rank runs its share of every step (see distributed.py); rank 0 writes the run."""
+    started = time.perf_counter()  # start-up is timed from here to the first step (time_startup)
     config.validate(cfg, "train")
     d = distributed.setup(cfg.model.device)
     if d.world > cfg.grpo.prompts_per_step:
@@ -240,7 +241,8 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
         log_id = logger.add(run_dir / "train.log", level="DEBUG", enqueue=False) if d.main else None
         threads = torch.get_num_threads()
         try:
-            _run(cfg, run_dir, hook, post_step, resume=resume_dir is not None, isolation=isolation, d=d)
+            _run(cfg, run_dir, hook, post_step, resume=resume_dir is not None, isolation=isolation, d=d,
+                 started=started)
         except OSError as e:
             if checkpoint.disk_full(e):
                 raise RuntimeError(f"disk full while writing {run_dir}; free space, then `projected-grpo train "
@@ -258,7 +260,7 @@ def train(cfg: Config, hook: ProjectionHook | None = None, post_step: PostStepHo
 
 
 def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: PostStepHook | None, resume: bool,
-         isolation: str, d: distributed.Dist) -> None:
+         isolation: str, d: distributed.Dist, started: float) -> None:
     g, o = cfg.grpo, cfg.optim
     from projected_grpo.grader import GradeStream
 
@@ -321,12 +323,13 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                 f"-> {run_dir}")
     logger.info("SHOULD: reward and hack_s rise over the run when the teacher pool pays hacks (vanilla arm); "
                 "kl starts at 0")
-    startup = process_age()  # process start (fork, for a sweep's warm jobs) -> first step
-    parts = {"before the run": startup - (time.perf_counter() - t_begin) if startup is not None else None,
-             **w.seconds, "V": t_v - t_begin - sum(w.seconds.values()), "teacher pool": t_pool - t_v,
+    startup, age = time.perf_counter() - started, process_age()
+    parts = {"isolation check and run dir": t_begin - started, **w.seconds,
+             "V": t_v - t_begin - sum(w.seconds.values()), "teacher pool": t_pool - t_v,
              "optimizer and resume": time.perf_counter() - t_pool}
-    logger.info(f"start-up {startup or time.perf_counter() - t_begin:.1f} s: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in parts.items() if v is not None) + " (the first step adds engine capture)")
+    logger.info(f"start-up {startup:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+                + " (the first step adds engine capture)" + (f"; the process is {age:.1f} s old (the interpreter "
+                                                              f"and imports came before)" if age is not None else ""))
 
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, dynamic_ncols=True, disable=not cfg.progress)
     for step in range(start, cfg.steps):
@@ -487,7 +490,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
 
 
 def process_age() -> float | None:
-    """Seconds since this process started (Linux: its start time in /proc against the boot clock), else None."""
+    """Seconds since this process started (Linux: its start time in /proc against the boot clock; for a sweep's warm
+    job, since its fork), else None."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
