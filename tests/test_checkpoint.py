@@ -90,6 +90,9 @@ def test_resume_accepts_more_steps_and_refuses_what_would_change_the_past(tmp_pa
     assert json.loads((run / "config.json").read_text())["steps"] == 10
     with pytest.raises(config.UsageError, match=r"cannot change optim.lr: 0.05 -> 0.1"):
         train.resume_config(run, ["--lr", "0.1"], "train")
+    # memory settings change no step's result: a run that ran out of memory continues with smaller micro-batches
+    cfg = train.resume_config(run, ["--micro-batch", "1", "--model.gradient-checkpointing"], "train")
+    assert cfg.grpo.micro_batch == 1 and cfg.model.gradient_checkpointing
     with pytest.raises(config.UsageError, match="below the 2 steps"):
         train.resume_config(run, ["--steps", "1"], "train")
 

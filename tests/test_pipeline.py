@@ -127,6 +127,40 @@ def test_job_identity_follows_what_the_job_computes(tmp_path):
     assert all(other_model[n] != a[n] for n in a)  # a new V invalidates every job built on it
 
 
+def test_memory_settings_do_not_make_a_finished_job_stale_and_a_resumed_run_takes_the_new_ones(tmp_path):
+    base = PRESETS["fast-dev-run"]
+    R = dataclasses.replace
+    ex = ExperimentArgs(arms="vanilla,erase")
+    jobs = build_jobs(tmp_path, base, ex)
+    for j in jobs:  # as the runner leaves finished jobs; one recorded under the identity formed before (legacy)
+        d = experiment.job_dir(tmp_path, j.name)
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(config.to_dict(j.cfg)))
+        ident = j.identity_with_memory if j.name == "erase-s41" else j.identity
+        (d / "job.json").write_text(json.dumps({"identity": ident}))
+        (d / "status").write_text("done\n")
+    assert {experiment.state(tmp_path, j) for j in build_jobs(tmp_path, base, ex)} == {"done"}
+    small = R(base, grpo=R(base.grpo, micro_batch=1), model=R(base.model, gradient_checkpointing=True))
+    state = {j.name: experiment.state(tmp_path, j) for j in build_jobs(tmp_path, small, ex)}
+    assert state.pop("erase-s41") == "stale"  # a legacy record names its memory settings; a re-run rewrites it
+    assert set(state.values()) == {"done"}
+    other = build_jobs(tmp_path, R(base, optim=R(base.optim, lr=0.5)), ex)
+    assert {j.name: experiment.state(tmp_path, j) for j in other}["erase-s41"] == "stale"
+    assert experiment.stale_difference(tmp_path, next(j for j in other if j.name == "vanilla-s41")) == \
+        f"optim.lr: {base.optim.lr!r} -> 0.5"
+    # an interrupted train job continues with the memory settings it is planned with now
+    job = next(j for j in build_jobs(tmp_path, small, ex) if j.name == "vanilla-s41")
+    argv = experiment.resume_argv(job)
+    assert argv[:3] == ["train", "--resume", job.cfg.run_dir]
+    run = Path(job.cfg.run_dir)
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config.to_dict(R(job.cfg, grpo=R(job.cfg.grpo, micro_batch=4)))))
+    from projected_grpo import train
+
+    resumed = train.resume_config(run, argv[3:], "train")
+    assert resumed.grpo.micro_batch == 1 and resumed.model.gradient_checkpointing
+
+
 def test_weak_detector_jobs_build_V_from_known_modes_only(tmp_path):
     jobs = build_jobs(tmp_path, PRESETS["smoke"], ExperimentArgs(arms="vanilla,erase", weak_detector=True))
     ex = next(j for j in jobs if j.name.startswith("extract") and "file_marker" not in j.name)

@@ -358,6 +358,11 @@ from; 1 and 2 are errors)."""
 
 # Fields that change how a run is shown or stored, never what it computes: resuming may change them, and reports and
 # job identities ignore them.
+MEMORY_FIELDS: frozenset[str] = frozenset({"grpo.micro_batch", "model.gradient_checkpointing"})
+"""Settings that trade speed for GPU memory and leave what a step computes unchanged (micro-batches sum to the same
+loss over the step's fixed denominator; checkpointing recomputes the same forward): a resumed run or a sweep's job
+may change them (e.g. after running out of memory) without becoming another run."""
+
 DISPLAY_FIELDS: frozenset[str] = frozenset({
     "run_dir", "out", "checkpoint_every", "workers", "cpu_threads", "log_rollouts", "progress", "report_to",
     "allow_weak_isolation", "preset", "forkserver",
@@ -491,10 +496,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, typing.Any]:
 
 
 def diff(a: Config, b: Config, ignore: frozenset[str] = DISPLAY_FIELDS) -> list[str]:
-    """'field: a -> b' for every field that differs (dotted names), ignoring `ignore` (top-level names)."""
+    """'field: a -> b' for every field that differs (dotted names), ignoring `ignore` (top-level or dotted names)."""
     fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
-            if k.split(".")[0] not in ignore and fa.get(k) != fb.get(k)]
+            if k.split(".")[0] not in ignore and k not in ignore and fa.get(k) != fb.get(k)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

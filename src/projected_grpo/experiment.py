@@ -9,7 +9,8 @@ extract, verify, train and eval share one model, adapter and data config.
 
 A job is what it runs: its identity is a hash of its command and the settings that change its result (and its
 parents' identities). Re-running with a changed setting refuses with the difference, or re-runs with --force; a
-finished job with the same identity is skipped; an interrupted train job resumes from its checkpoint. State lives in
+finished job with the same identity is skipped; an interrupted train job resumes from its checkpoint (with the memory
+settings it is planned with now: config.MEMORY_FIELDS are not part of an identity). State lives in
 `<out>/jobs/<name>/{job.json,config.json,status,log.txt}`; `--status` lists the planned jobs and their state.
 
 Independent jobs run side by side: `--gpus 0,1 --jobs-per-gpu 2` (default: every visible GPU, one job each; CPU: one
@@ -75,6 +76,7 @@ class Job:
     cfg: Config
     parents: list[str] = field(default_factory=list)
     identity: str = ""  # set by plan()
+    identity_with_memory: str = ""  # the identity as formed before the memory settings were left out of it
 
     @property
     def outputs(self) -> list[Path]:
@@ -90,17 +92,20 @@ class Job:
         return [Path(self.cfg.out)]
 
 
-def relevant(command: str, cfg: Config) -> dict:
-    """The settings of `cfg` that `command`'s result depends on, flattened."""
+def relevant(command: str, cfg: Config, memory: bool = False) -> dict:
+    """The settings of `cfg` that `command`'s result depends on, flattened; the memory settings
+    (config.MEMORY_FIELDS) only with `memory` (how identities were formed before they were left out)."""
     flat = config.flatten(config.to_dict(cfg))
     keys = RELEVANT[command]
-    return {k: v for k, v in sorted(flat.items()) if any(k == r or k.startswith(r + ".") for r in keys)}
+    return {k: v for k, v in sorted(flat.items()) if any(k == r or k.startswith(r + ".") for r in keys)
+            and (memory or k not in config.MEMORY_FIELDS)}
 
 
 def plan(jobs: list[Job]) -> list[Job]:
     """Check the graph (parents known and earlier) and set each job's identity from its command, relevant settings
     and parents' identities."""
     ids: dict[str, str] = {}
+    old_ids: dict[str, str] = {}
     for j in jobs:
         unknown = [p for p in j.parents if p not in ids]
         if unknown:
@@ -108,6 +113,9 @@ def plan(jobs: list[Job]) -> list[Job]:
         blob = json.dumps([j.command, relevant(j.command, j.cfg), [ids[p] for p in j.parents]], sort_keys=True)
         j.identity = hashlib.sha256(blob.encode()).hexdigest()[:16]
         ids[j.name] = j.identity
+        blob = json.dumps([j.command, relevant(j.command, j.cfg, memory=True), [old_ids[p] for p in j.parents]],
+                          sort_keys=True)
+        j.identity_with_memory = old_ids[j.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return jobs
 
 
@@ -152,7 +160,7 @@ def state(root: Path, j: Job) -> str:
     sid = saved_identity(root, j.name)
     if sid is None:
         return "pending"
-    if sid != j.identity:
+    if sid not in (j.identity, j.identity_with_memory):  # a job recorded before memory settings left identities
         return "stale"
     st = read_status(root, j.name)
     if st == "running":
@@ -372,12 +380,19 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
     return {j.name: status.get(j.name, "pending") for j in by_name.values()}
 
 
+def resume_argv(j: Job) -> list[str]:
+    """The command that continues an interrupted train job, with the job's memory settings now (what it computes is
+    its run directory's; these may have changed since, e.g. a lower --micro-batch after running out of memory)."""
+    ckpt = "--model.gradient-checkpointing" if j.cfg.model.gradient_checkpointing else "--model.no-gradient-checkpointing"
+    return ["train", "--resume", j.cfg.run_dir, "--micro-batch", str(j.cfg.grpo.micro_batch), ckpt]
+
+
 def _start(root: Path, j: Job, slot: Slot, warm: bool = False):
     """Start a job; returns (process, start time, log file). `warm`: fork it from a process that has already imported
     torch and transformers (a forkserver), instead of a fresh interpreter that pays the imports again."""
     argv = argv_of(root, j)
     if j.command == "train" and (Path(j.cfg.run_dir) / "config.json").exists():  # interrupted earlier: continue it
-        argv = ["train", "--resume", j.cfg.run_dir]
+        argv = resume_argv(j)
     if slot.workers:
         argv += ["--workers", str(slot.workers)]
     d = job_dir(root, j.name)

@@ -622,7 +622,7 @@ def _tensorboard(cfg: Config, run_dir: Path):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-RESUME_SAFE = config.DISPLAY_FIELDS | {"steps"}
+RESUME_SAFE = config.DISPLAY_FIELDS | {"steps"} | config.MEMORY_FIELDS
 
 
 def _setup_console() -> None:
