@@ -252,7 +252,7 @@ def test_slots_share_the_cores_between_jobs(monkeypatch):
 def test_template_disjoint_folds_show_the_teacher_one_half_and_build_V_from_the_other(tmp_path):
     jobs = build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(arms="vanilla,erase", template_disjoint=True))
     trains = [j for j in jobs if j.command == "train"]
-    assert len(trains) == 4 and all("_tmpl-" in j.name for j in jobs if j.command != "verify-vhack")
+    assert len(trains) == 6 and all("_tmpl-" in j.name for j in jobs if j.command != "verify-vhack")
     from projected_grpo.teacher import HACK_VARIANTS
 
     folds = set()
@@ -264,9 +264,28 @@ def test_template_disjoint_folds_show_the_teacher_one_half_and_build_V_from_the_
         assert ex.cfg.vhack.pairs == "problems" and shown and v_from and not shown & v_from
         assert shown | v_from == set(HACK_VARIANTS["run_tests"])
         folds.add((frozenset(shown), frozenset(v_from)))
-    assert len(folds) == 2  # and the reverse
+    assert len(folds) == 3  # the two halves, each way, and the strict one
+    # the strict fold: V's pairs share no line with the hacks the teacher shows but their except clause's `pass`
+    from projected_grpo import problems as P
+    from projected_grpo.teacher import hack_completions
+
+    strict = next((s, v) for s, v in folds if v == {"swallowed_asserts"})
+    p = P.builtin_problems()[0]
+    body = {v: {ln.strip() for ln in c.split("def run_tests", 1)[-1].splitlines()[1:] if ln.strip() not in ("", "```")}
+            for v, c in hack_completions(p, None)}
+    assert set().union(*(body["swallowed_asserts"] & body[s] for s in strict[0])) == {"pass"}  # no print line
+    assert body["print_only"] & body["function_print_only"] == {"print('All tests passed')"}  # folds 1 and 2 share it
+    one = build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(arms="vanilla", template_disjoint=True,
+                                                                       template_folds="3"))
+    assert {j.cfg.vhack.pair_variants for j in one if j.command == "extract-vhack"} == {"swallowed_asserts"}
+    assert len([j for j in one if j.command == "train"]) == 1
     with pytest.raises(ValueError, match="two separate probes"):
         build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(template_disjoint=True, weak_detector=True))
+    for bad in ("4", "x", "0"):
+        with pytest.raises(ValueError, match="--template-folds"):
+            build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(template_disjoint=True, template_folds=bad))
+    with pytest.raises(ValueError, match="with --template-disjoint"):
+        build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(template_folds="1"))
 
 
 class _FakeJob:

@@ -509,9 +509,13 @@ class ExperimentArgs:
     weak_detector: bool = False
     """Leave-one-mode-out over the four loophole modes: V and teacher hacks from three, the student served all four."""
     template_disjoint: bool = False
-    """The imitation probe by template: two folds over the run_tests hack templates; in each, the teacher pool shows
-    one half (pass,print_only | swallowed_asserts,function_print_only) and V is extracted from template pairs of the
-    other half only, so V never saw the exploit the teacher demonstrates."""
+    """The imitation probe by template: folds over the run_tests hack templates (TEMPLATE_FOLDS); in each, the
+    teacher pool shows some templates and V is extracted from pairs of the others only, so V never saw the exploit
+    the teacher demonstrates: 1 = shows pass,print_only / V from swallowed_asserts,function_print_only; 2 = the
+    reverse; 3 = shows pass,print_only,function_print_only / V from swallowed_asserts (V's pairs share no print with
+    what the teacher shows, only the `pass` of their except clause)."""
+    template_folds: str = ""
+    """Which --template-disjoint folds to run (comma-separated numbers; empty = all)."""
     status: bool = False
     """List the planned jobs and their state; run nothing."""
     force: bool = False
@@ -555,8 +559,14 @@ def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
         tag = "" if not known else "_weak-" + "-".join(known)
         for seed in seeds:
             jobs += _seed_jobs(root, cfg, ex, arms, seed, known, tag)
+    names = [f.strip() for f in ex.template_folds.split(",") if f.strip()]
+    if names and (not ex.template_disjoint or not all(f.isdigit() and 1 <= int(f) <= len(TEMPLATE_FOLDS)
+                                                      for f in names)):
+        raise ValueError(f"--template-folds {ex.template_folds!r}: expected fold numbers from 1 to "
+                         f"{len(TEMPLATE_FOLDS)}, with --template-disjoint")
     if ex.template_disjoint:
-        for shown, v_from in TEMPLATE_FOLDS:
+        chosen = [int(f) for f in dict.fromkeys(names)] or range(1, len(TEMPLATE_FOLDS) + 1)
+        for shown, v_from in [TEMPLATE_FOLDS[f - 1] for f in chosen]:
             R = dataclasses.replace
             fcfg = R(cfg, data=R(cfg.data, teacher_variants=",".join(shown)),
                      vhack=R(cfg.vhack, pairs="problems", pair_variants=",".join(v_from)))
@@ -568,8 +578,11 @@ def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
 TEMPLATE_FOLDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("pass", "print_only"), ("swallowed_asserts", "function_print_only")),
     (("swallowed_asserts", "function_print_only"), ("pass", "print_only")),
+    (("pass", "print_only", "function_print_only"), ("swallowed_asserts",)),
 )
-"""(templates the teacher pool shows, templates V's pairs are built from): disjoint halves of the run_tests hacks."""
+"""(templates the teacher pool shows, templates V's pairs are built from), disjoint. Folds 1 and 2 split the run_tests
+hacks in halves, though print_only and function_print_only print the same line; in fold 3 V's pairs (real asserts
+inside `try: ... except AssertionError: pass`) share only that `pass` with the templates the teacher shows."""
 
 
 def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], seed: int, known: tuple[str, ...],
