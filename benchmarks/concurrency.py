@@ -5,7 +5,7 @@
 Each level starts K `projected-grpo train` processes at once (seeds 1..K, the same settings otherwise, grader
 workers shared out as the runner does) and times until the last one ends; model load, SVD and teacher-pool caches
 are warmed first by a 1-step run that is not timed. Prints one table: wall seconds, runs per GPU-hour, the slowest
-job's start-up (process start to first step, `time_startup`) and the median step of all jobs, peak GPU memory per
+job's start-up (the train call to its first step, `time_startup`) and the median step of all jobs, peak GPU memory per
 job, and the ratio to the first variant at K = 1 measured in the same run.
 
 `--variants` compares settings that trade speed for memory in the same run, each at every level, e.g.

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from projected_grpo.config import MEMORY_FIELDS
+
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 
@@ -67,14 +69,12 @@ PER_RUN_TOP = frozenset({"seed", "run_dir", "out_dir", "out", "preset", "provena
 """Top-level config fields that never make runs incomparable (the preset's name is shown, its settings compared)."""
 PER_RUN_LEAVES = frozenset({
     "progress", "log_rollouts", "checkpoint_every", "grade_workers", "workers", "cpu_threads", "report_to",
-    "eval_ablate_every", "eval_n_prompts", "cache_dir", "gradient_checkpointing", "micro_batch",
+    "eval_ablate_every", "eval_n_prompts", "cache_dir",
 })
-"""Field names ignored at any depth: display, logging, parallelism, evaluation cadence, cache locations, and the
-memory settings that leave the loss and its gradient unchanged (gradient checkpointing recomputes the same forward;
-micro-batches sum to the same loss over the step's fixed denominator), which a sweep may change to fit more jobs on
-a GPU."""
-PER_RUN_PATHS = frozenset({"proj.vhack_path"})
-"""Per-seed artifacts: each seed has its own V file."""
+"""Field names ignored at any depth: display, logging, parallelism, evaluation cadence and cache locations."""
+PER_RUN_PATHS = frozenset({"proj.vhack_path"}) | MEMORY_FIELDS
+"""Per-seed artifacts (each seed has its own V file) and the memory settings (config.MEMORY_FIELDS: they leave the
+loss and its gradient unchanged, and a sweep may change them to fit more jobs on a GPU)."""
 ADDED_FIELDS = {"data.teacher_variants": "", "vhack.pair_variants": "", "adapter.fold_train": False}
 """Fields added after runs were first saved, at the value that means what their absence meant: dropped from the key
 at that value, so older runs stay comparable with newer ones."""
