@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from projected_grpo.config import MEMORY_FIELDS
+from projected_grpo.config import MEMORY_FIELDS, flatten
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -375,20 +375,9 @@ def completeness(run: Run) -> str | None:
 # grouping
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out
-
-
 def comparability_key(cfg: dict) -> dict[str, Any]:
     """The flattened config minus per-run/display fields: equal keys = the same arm of the same experiment."""
-    flat = _flatten({k: v for k, v in cfg.items() if k not in PER_RUN_TOP})
+    flat = flatten({k: v for k, v in cfg.items() if k not in PER_RUN_TOP})
     key = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in PER_RUN_LEAVES and k not in PER_RUN_PATHS
            and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
     if str(key.get("proj.intervention", "none")) == "none":  # V only measures: its settings change nothing trained
