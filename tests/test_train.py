@@ -112,6 +112,15 @@ def test_pad_sequences_layout():
 # --- the loop --------------------------------------------------------------------------------------------------------
 
 
+def test_world_times_each_part_of_its_build(cache):
+    """The run's start-up line names the model load and the knobs' attachment (SVD cache) apart."""
+    from projected_grpo import world
+
+    w = world.build(PRESETS["fast-dev-run"])
+    assert list(w.seconds) == ["problems", "model", "knobs", "prompts"], w.seconds
+    assert all(v >= 0 for v in w.seconds.values()) and w.seconds["model"] > 0 and w.seconds["knobs"] > 0
+
+
 def test_fast_dev_run_end_to_end(cache, tmp_path, capsys):
     run_dir = tmp_path / "run"
     t0 = time.perf_counter()

@@ -63,31 +63,37 @@ def load_problems(cfg: Config) -> list[P.Problem]:
     return problems
 
 
-def load_model(cfg: Config) -> tuple[models.Loaded, dict[str, SVDKnob], str]:
-    """The model with its knobs attached (SVDs cached beside the model) and the fingerprint."""
+def load_model(cfg: Config, seconds: dict[str, float] | None = None) -> tuple[models.Loaded, dict[str, SVDKnob], str]:
+    """The model with its knobs attached (SVDs cached beside the model) and the fingerprint. `seconds`, when given,
+    gets the time of each part ("model", "knobs")."""
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
+    t0 = time.perf_counter()
     loaded = models.load(cfg.model)
+    t1 = time.perf_counter()
     acfg = cfg.adapter if cfg.adapter.cache_dir else dataclasses.replace(cfg.adapter, cache_dir=str(cfg.model.root))
     knobs = adapter.attach(loaded.model, acfg, loaded.model_id)
+    if seconds is not None:
+        seconds |= {"model": t1 - t0, "knobs": time.perf_counter() - t1}
     return loaded, knobs, model_fingerprint(loaded.model_id, knobs)
 
 
 def build(cfg: Config, problems: list[P.Problem] | None = None) -> World:
     """Serve the problems (loophole modes dealt and hints drawn, seeded by cfg.seed), load the model and knobs, and
-    tokenize every prompt."""
+    tokenize every prompt. World.seconds: the time of each part (problems, model, knobs, prompts)."""
     d = cfg.data
     t0 = time.perf_counter()
     problems = load_problems(cfg) if problems is None else problems
     served, hints = teacher.serve(problems, d.hint, d.mode_list, cfg.seed)
     t1 = time.perf_counter()
-    loaded, knobs, fp = load_model(cfg)
+    parts: dict[str, float] = {}
+    loaded, knobs, fp = load_model(cfg, parts)
     t2 = time.perf_counter()
     system = P.system_prompt(d.system_prompt)
     tok = loaded.tokenizer
     prompt_ids = [tok(P.render_prompt(tok, P.chat_messages(p, h, system)), add_special_tokens=False)["input_ids"]
                   for p, h in zip(served, hints, strict=True)]
-    seconds = {"problems": t1 - t0, "model and knobs": t2 - t1, "prompts": time.perf_counter() - t2}
+    seconds = {"problems": t1 - t0, **parts, "prompts": time.perf_counter() - t2}
     return World(cfg, served, hints, loaded, knobs, system, prompt_ids, fp, seconds)
 
 
