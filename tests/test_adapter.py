@@ -167,6 +167,41 @@ def test_svd_cache_is_reused(tmp_path, monkeypatch):
         assert torch.equal(first[n].U, second[n].U) and torch.equal(first[n].Vh, second[n].Vh)
 
 
+_ATTACH_COUNTING_SVDS = """
+import sys, time, torch, transformers
+from projected_grpo import adapter
+from projected_grpo.adapter import AdapterConfig
+svd = torch.linalg.svd
+def counted(*a, **k):
+    with open(sys.argv[2], "a") as f:
+        f.write("svd\\n")
+    time.sleep(0.05)  # long enough for the other process to want the same entry
+    return svd(*a, **k)
+torch.linalg.svd = counted
+cfg = transformers.Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+torch.manual_seed(0)
+model = transformers.AutoModelForCausalLM.from_config(cfg)
+knobs = adapter.attach(model, AdapterConfig(cache_dir=sys.argv[1]), "tiny-race")
+torch.save({n: k.U for n, k in knobs.items()}, sys.argv[3])
+"""
+
+
+def test_jobs_starting_together_compute_each_svd_once(tmp_path):
+    """Side-by-side jobs on a fresh cache: one process computes each SVD entry (under a lock), the other reads it."""
+    import subprocess
+    import sys
+
+    count = tmp_path / "svd_calls"
+    procs = [subprocess.Popen([sys.executable, "-c", _ATTACH_COUNTING_SVDS, str(tmp_path / "cache"), str(count),
+                               str(tmp_path / f"U{i}.pt")]) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    entries = sorted((tmp_path / "cache" / "svd").rglob("*.safetensors"))
+    assert entries and len(count.read_text().split()) == len(entries)  # 14 Linears, 14 SVDs in all, not 28
+    u0, u1 = torch.load(tmp_path / "U0.pt"), torch.load(tmp_path / "U1.pt")
+    assert all(torch.equal(u0[n], u1[n]) for n in u0)
+
+
 def test_stale_or_foreign_cache_entry_is_an_error(tmp_path):
     cfg = AdapterConfig(cache_dir=str(tmp_path))
     adapter.attach(tiny_qwen3(), cfg, "tiny-test")

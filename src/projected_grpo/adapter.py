@@ -20,6 +20,7 @@ Knows nothing of GRPO or of the hack direction V.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -176,21 +177,39 @@ def svd_cached(w: Float[Tensor, "d_out d_in"], model_id: str, rank_cap: int | No
     r = min(w.shape) if rank_cap is None else min(rank_cap, *w.shape)
     path = svd_dir / _slug(model_id) / f"{sha[:32]}-r{r}.safetensors"
     want = {"model_id": model_id, "w_sha256": sha, "shape": f"{w.shape[0]}x{w.shape[1]}", "rank": str(r)}
-    if path.exists():
-        with safe_open(str(path), framework="pt") as sf:  # metadata first
-            meta = sf.metadata() or {}
-        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
-        if bad:
-            raise ValueError(f"stale or foreign SVD cache entry {path}: (found, expected) {bad}; delete it to recompute")
-        t = load_file(path, device=str(w.device))
-        return t["U"], t["S"], t["Vh"], sha
+    if not path.exists():  # jobs starting side by side on a fresh cache: one computes each entry, the others read it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.parent / ".svd.lock"):
+            if not path.exists():
+                return (*_svd_to(path, w, r, want), sha)
+    with safe_open(str(path), framework="pt") as sf:  # metadata first
+        meta = sf.metadata() or {}
+    bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if bad:
+        raise ValueError(f"stale or foreign SVD cache entry {path}: (found, expected) {bad}; delete it to recompute")
+    t = load_file(path, device=str(w.device))
+    return t["U"], t["S"], t["Vh"], sha
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """An exclusive flock on `lock` (created if missing), waited for, released on exit or by the kernel on death."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _svd_to(path: Path, w: Tensor, r: int, meta: dict[str, str]) -> tuple[Tensor, Tensor, Tensor]:
+    """The truncated SVD of w (float32, on w's device), written atomically to `path` with `meta`."""
     U, S, Vh = torch.linalg.svd(w.detach().float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
     U, S, Vh = U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, str(tmp), metadata=want)
+    save_file({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, str(tmp), metadata=meta)
     tmp.replace(path)
-    return U, S, Vh, sha
+    return U, S, Vh
 
 
 def attach(model: nn.Module, cfg: AdapterConfig, model_id: str) -> dict[str, SVDKnob]:
