@@ -233,6 +233,9 @@ def test_prompt_blocks_share_runs_of_one_prompt_and_batch_the_rest():
     ids2[1, n_prompt - 5] = 0
     assert grpo.prompt_blocks(ids2, attn2, n_prompt, 8) == [(0, 4, False), (4, 6, True), (6, 8, False),
                                                             (8, 11, True)]  # rows 0-3 now all differ
+    attn3 = attn.clone()
+    attn3[:3, :n_prompt] = False  # no prompt at all: nothing to share
+    assert grpo.prompt_blocks(ids, attn3, n_prompt, 8)[0] == (0, 4, False)
 
 
 @pytest.mark.parametrize("micro_batch", [2, 3, 8])

@@ -98,7 +98,8 @@ def prompt_blocks(ids: Int[Tensor, "B T"], attention_mask: Bool[Tensor, "B T"], 
     neighbours, e.g. one teacher row per problem) are batched as they come."""
     B = ids.shape[0]
     same = ((ids[1:, :n_prompt] == ids[:-1, :n_prompt]) | ~attention_mask[1:, :n_prompt]).all(1) & \
-        (attention_mask[1:, :n_prompt] == attention_mask[:-1, :n_prompt]).all(1)  # (B-1,): row i+1 shares row i's
+        (attention_mask[1:, :n_prompt] == attention_mask[:-1, :n_prompt]).all(1) & \
+        attention_mask[1:, :n_prompt].any(1)  # (B-1,): row i+1 shares row i's prompt (a non-empty one)
     same = same.tolist()
     blocks: list[tuple[int, int, bool]] = []
     single = -1  # start of the pending batch of unshared rows
