@@ -101,6 +101,13 @@ def relevant(command: str, cfg: Config, memory: bool = False) -> dict:
             and (memory or k not in config.MEMORY_FIELDS)}
 
 
+def _identity(j: Job, parent_ids: dict[str, str], memory: bool) -> str:
+    """Hash of the job's command, relevant settings (with the memory settings or not) and its parents' identities."""
+    blob = json.dumps([j.command, relevant(j.command, j.cfg, memory), [parent_ids[p] for p in j.parents]],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def plan(jobs: list[Job]) -> list[Job]:
     """Check the graph (parents known and earlier) and set each job's identity from its command, relevant settings
     and parents' identities."""
@@ -110,12 +117,8 @@ def plan(jobs: list[Job]) -> list[Job]:
         unknown = [p for p in j.parents if p not in ids]
         if unknown:
             raise ValueError(f"job {j.name} depends on unknown or later job(s) {unknown}")
-        blob = json.dumps([j.command, relevant(j.command, j.cfg), [ids[p] for p in j.parents]], sort_keys=True)
-        j.identity = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        ids[j.name] = j.identity
-        blob = json.dumps([j.command, relevant(j.command, j.cfg, memory=True), [old_ids[p] for p in j.parents]],
-                          sort_keys=True)
-        j.identity_with_memory = old_ids[j.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        j.identity = ids[j.name] = _identity(j, ids, memory=False)
+        j.identity_with_memory = old_ids[j.name] = _identity(j, old_ids, memory=True)
     return jobs
 
 
@@ -559,7 +562,7 @@ def build_jobs(root: Path, cfg: Config, ex: ExperimentArgs) -> list[Job]:
         tag = "" if not known else "_weak-" + "-".join(known)
         for seed in seeds:
             jobs += _seed_jobs(root, cfg, ex, arms, seed, known, tag)
-    names = [f.strip() for f in ex.template_folds.split(",") if f.strip()]
+    names = split_list(ex.template_folds)
     if names and (not ex.template_disjoint or not all(f.isdigit() and 1 <= int(f) <= len(TEMPLATE_FOLDS)
                                                       for f in names)):
         raise ValueError(f"--template-folds {ex.template_folds!r}: expected fold numbers from 1 to "

@@ -78,11 +78,9 @@ def right_aligned(ids: Int[Tensor, "b T"], attention_mask: Bool[Tensor, "b T"], 
     """Each row's tokens moved to start at column 0 (its left padding wrapped round to the end), and for every
     completion column t >= n_prompt the column of the shifted row whose state predicts ids[:, t]. A causal model
     run on the shifted rows needs no attention mask: every real position sees exactly its own row's real tokens,
-    at the positions the sampler gave them (0 at the first real token)."""
+    at the positions the sampler gave them (0 at the first real token). `attention_mask`'s prompt columns must be
+    left padding only (token_logprobs checks it)."""
     T = ids.shape[1]
-    if not bool((attention_mask[:, 1:n_prompt].int() >= attention_mask[:, :n_prompt - 1].int()).all()):
-        raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
-                         "(False then True); got a gap inside a prompt")
     pad = n_prompt - attention_mask[:, :n_prompt].sum(dim=1)  # (b,)
     cols = torch.arange(T, device=ids.device)
     shifted = ids.gather(1, (cols[None] + pad[:, None]) % T)  # (b, T)
@@ -146,9 +144,6 @@ def _shared_prompt_states(body: nn.Module, x: Int[Tensor, "b T"], am: Bool[Tenso
 
     b, T = x.shape
     n_real = int(am[0, :n_prompt].sum())
-    if not bool(am[0, n_prompt - n_real:n_prompt].all()):
-        raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
-                         "(False then True); got a gap inside a prompt")
     prompt = x[:1, n_prompt - n_real:n_prompt]  # (1, Lp)
     cache = DynamicCache()
     kw = {_cache_kwarg(body): cache, "use_cache": True}
@@ -174,11 +169,11 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     shared parameters one such row poisons the whole step's gradient although the loss never reads it. Plain
     causal attention also takes the faster kernels.
 
-    `share_prompt` (default SHARE_PROMPT): consecutive rows with the same prompt (a GRPO group) run the prompt once and their completions
-    on its cache (`prompt_blocks`, `_shared_prompt_states`): with prompts about as long as completions that is about
-    half the tokens through the model, forward and backward, for the same log-probs and gradients up to rounding.
-    Only where the output layer is chunked (below) and the model keeps a cache (not under gradient checkpointing in
-    training, where transformers turns the cache off).
+    `share_prompt` (default SHARE_PROMPT): consecutive rows with the same prompt (a GRPO group) run the prompt once
+    and their completions on its cache (`prompt_blocks`, `_shared_prompt_states`): with prompts about as long as
+    completions that is about half the tokens through the model, forward and backward, for the same log-probs and
+    gradients up to rounding. Only where the output layer is chunked (below) and the model keeps a cache (not under
+    gradient checkpointing in training, where transformers turns the cache off).
 
     Runs `micro_batch` rows at a time over the completion positions only, so the full (B, T, V) logits are never
     held. For the model types in CHUNKED_HEADS the output layer and the float32 log-softmax run on LOGPROB_CHUNK
@@ -196,7 +191,11 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     chunked = (getattr(getattr(model, "config", None), "model_type", None) in CHUNKED_HEADS and head is not None
                and body is not None and body is not model)
     attention_mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
-    share = (SHARE_PROMPT if share_prompt is None else share_prompt) and chunked and not (model.training and _checkpointing(model))
+    if not bool((attention_mask[:, 1:n_prompt].int() >= attention_mask[:, :n_prompt - 1].int()).all()):
+        raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
+                         "(False then True); got a gap inside a prompt")
+    share = (SHARE_PROMPT if share_prompt is None else share_prompt) and chunked and \
+        not (model.training and _checkpointing(model))
     blocks = (prompt_blocks(ids, attention_mask, n_prompt, micro_batch) if share else
               [(i, min(i + micro_batch, B), False) for i in range(0, B, micro_batch)])
     out = []
