@@ -18,10 +18,7 @@ Two schedules, measured in the same run (`--schedules`, steps alternating betwee
   -> train with those reference log-probs. The last line prints overlap's step time over sequential's;
 - overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory);
 - overlap_fold, overlap_nockpt_fold: the same with the knobs folded into W for the backward pass
-  (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward);
-- overlap_noshare, overlap_nockpt_noshare: every row run whole (`grpo.SHARE_PROMPT = False`) instead of the group's
-  prompt once with the completions on its cache (the trainer's way; under gradient checkpointing only the reference
-  pass shares, since transformers keeps no cache there).
+  (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward).
 """
 
 from __future__ import annotations
@@ -45,8 +42,7 @@ import rollout  # noqa: E402
 from projected_grpo import adapter, engine, grpo, models, train  # noqa: E402
 from projected_grpo.config import GRPOConfig  # noqa: E402
 
-SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold", "overlap_noshare",
-             "overlap_nockpt_noshare")
+SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold")
 
 
 def attach_random_knobs(model: torch.nn.Module, rank_cap: int | None) -> dict[str, adapter.SVDKnob]:
@@ -160,7 +156,6 @@ def main() -> None:
     rows = []
     for step in range(a.steps * len(schedules)):
         sched = schedules[step % len(schedules)]
-        grpo.SHARE_PROMPT = "noshare" not in sched
         if "nockpt" in sched:
             model.gradient_checkpointing_disable()
         else:

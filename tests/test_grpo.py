@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from projected_grpo import adapter, grpo, models  # noqa: E402
+from projected_grpo import adapter, grpo  # noqa: E402
 from projected_grpo.adapter import AdapterConfig  # noqa: E402
 
 
@@ -203,86 +203,6 @@ def test_chunked_output_layer_matches_whole_logits_in_value_and_gradient(tmp_pat
     torch.testing.assert_close(lp_c, lp_w, atol=1e-5, rtol=0)
     for a, b in zip(g_c, g_w, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def _grouped_batch(seed: int = 7):
-    """Rows as a GRPO step lays them out: groups sharing a left-padded prompt, completions of different lengths
-    (the tail after a row's end is padding), and single rows with prompts of their own (teacher rows)."""
-    g = torch.Generator().manual_seed(seed)
-    n_prompt, t_new = 7, 6
-    prompts = [(5, 3), (7, 1), (4, 2), (6, 1), (3, 1), (7, 3)]  # (real prompt tokens, rows sharing the prompt)
-    ids, attn = [], []
-    for n_real, rows in prompts:
-        prompt = torch.randint(1, 50, (n_real,), generator=g)
-        for _ in range(rows):
-            ids.append(torch.cat([torch.zeros(n_prompt - n_real, dtype=torch.long), prompt,
-                                  torch.randint(1, 50, (t_new,), generator=g)]))
-            attn.append(torch.arange(n_prompt + t_new) >= n_prompt - n_real)
-    return torch.stack(ids), torch.stack(attn), n_prompt, torch.randn(len(ids), t_new, generator=g)
-
-
-def test_prompt_blocks_share_runs_of_one_prompt_and_batch_the_rest():
-    ids, attn, n_prompt, _ = _grouped_batch()  # prompts of 3, 1, 2, 1, 1, 3 rows
-    assert grpo.prompt_blocks(ids, attn, n_prompt, 8) == [(0, 3, True), (3, 4, False), (4, 6, True), (6, 8, False),
-                                                          (8, 11, True)]
-    assert grpo.prompt_blocks(ids, attn, n_prompt, 2) == [(0, 2, True), (2, 3, False), (3, 4, False), (4, 6, True),
-                                                          (6, 8, False), (8, 10, True), (10, 11, False)]
-    attn2 = attn.clone()
-    attn2[1, n_prompt - 5] = False  # the same tokens under another padding is another prompt
-    ids2 = ids.clone()
-    ids2[1, n_prompt - 5] = 0
-    assert grpo.prompt_blocks(ids2, attn2, n_prompt, 8) == [(0, 4, False), (4, 6, True), (6, 8, False),
-                                                            (8, 11, True)]  # rows 0-3 now all differ
-    attn3 = attn.clone()
-    attn3[:3, :n_prompt] = False  # no prompt at all: nothing to share
-    assert grpo.prompt_blocks(ids, attn3, n_prompt, 8)[0] == (0, 4, False)
-
-
-@pytest.mark.parametrize("micro_batch", [2, 3, 8])
-def test_shared_prompt_logprobs_and_knob_gradients_equal_each_row_run_alone(tmp_path, micro_batch):
-    """Running a group's prompt once and its completions on the prompt's cache gives every row's log-probs and the
-    knobs' gradient of the unshared computation (and of the naive padded one)."""
-    model = tiny_qwen3()
-    knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), "tiny-grpo")
-    for k in knobs.values():
-        k.dS.data.normal_(0, 0.1)
-    ids, attn, n_prompt, weights = _grouped_batch()
-    calls = []
-    model.base_model.register_forward_hook(lambda m, i, kw, o: calls.append(kw["input_ids"].shape), with_kwargs=True)
-
-    def run(share):
-        for k in knobs.values():
-            k.dS.grad = None
-        lp = grpo.token_logprobs(model, ids, n_prompt, micro_batch, attn, temperature=0.7, share_prompt=share)
-        (lp * weights).sum().backward()
-        return lp.detach(), [k.dS.grad.clone() for k in knobs.values()]
-
-    lp_s, g_s = run(True)
-    shared_calls, calls[:] = list(calls), []
-    lp_u, g_u = run(False)
-    assert (1, 5) in shared_calls and (1, 7) in shared_calls  # prompts ran once, alone, without their padding
-    assert sum(a * b for a, b in shared_calls) < sum(a * b for a, b in calls)  # fewer tokens through the model
-    torch.testing.assert_close(lp_s, lp_u, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lp_s, naive_logprobs(model, ids, attn, n_prompt, 0.7), atol=1e-5, rtol=0)
-    for a, b in zip(g_s, g_u, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert any(a.abs().sum() > 0 for a in g_s)
-
-
-def test_shared_prompt_falls_back_under_gradient_checkpointing(tmp_path):
-    """transformers keeps no cache under gradient checkpointing in training: the rows then run unshared, with the
-    same result."""
-    model = tiny_qwen3()
-    knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), "tiny-grpo")
-    ids, attn, n_prompt, weights = _grouped_batch()
-    with torch.no_grad():
-        want = grpo.token_logprobs(model, ids, n_prompt, 4, attn, share_prompt=False)
-    models.enable_checkpointing(model)
-    model.train()
-    lp = grpo.token_logprobs(model, ids, n_prompt, 4, attn)
-    (lp * weights).sum().backward()
-    torch.testing.assert_close(lp.detach(), want, atol=1e-5, rtol=0)
-    assert all(torch.isfinite(k.dS.grad).all() for k in knobs.values())
 
 
 class _NaNGradOnEmptyRows(torch.autograd.Function):

@@ -10,8 +10,6 @@ No model loading, no I/O.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.utils.checkpoint
 from jaxtyping import Bool, Float, Int
@@ -56,9 +54,6 @@ def zero_variance_groups(rewards: Float[Tensor, "P G"]) -> Bool[Tensor, " P"]:
 LOGPROB_CHUNK = 128
 """Completion positions per chunk of the output layer in `token_logprobs` (see there)."""
 
-SHARE_PROMPT = True
-"""`token_logprobs` runs a group's shared prompt once (see there); False runs every row whole (for comparisons)."""
-
 CHUNKED_HEADS = ("qwen2", "qwen3", "llama", "mistral")
 """Model types whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling, so the output
 layer can run on chunks of the hidden states."""
@@ -88,76 +83,9 @@ def right_aligned(ids: Int[Tensor, "b T"], attention_mask: Bool[Tensor, "b T"], 
     return shifted, pred
 
 
-def prompt_blocks(ids: Int[Tensor, "B T"], attention_mask: Bool[Tensor, "B T"], n_prompt: int, micro_batch: int
-                  ) -> list[tuple[int, int, bool]]:
-    """The rows cut into forward passes of at most `micro_batch` rows, in order: (start, stop, shared). A shared
-    block is a run of >= 2 consecutive rows with the same prompt (tokens and padding), which `token_logprobs` runs
-    as the prompt once and the completions on top of its cache; the rest (rows whose prompt differs from both
-    neighbours, e.g. one teacher row per problem) are batched as they come."""
-    B = ids.shape[0]
-    same = ((ids[1:, :n_prompt] == ids[:-1, :n_prompt]) | ~attention_mask[1:, :n_prompt]).all(1) & \
-        (attention_mask[1:, :n_prompt] == attention_mask[:-1, :n_prompt]).all(1) & \
-        attention_mask[1:, :n_prompt].any(1)  # (B-1,): row i+1 shares row i's prompt (a non-empty one)
-    same = same.tolist()
-    blocks: list[tuple[int, int, bool]] = []
-    single = -1  # start of the pending batch of unshared rows
-    i = 0
-    while i < B:
-        j = i + 1
-        while j < B and same[j - 1]:
-            j += 1
-        if j - i >= 2:
-            if single >= 0:
-                blocks.append((single, i, False))
-                single = -1
-            blocks += [(k, min(k + micro_batch, j), True) for k in range(i, j, micro_batch)]
-        else:
-            single = i if single < 0 else single
-            if i + 1 - single == micro_batch:
-                blocks.append((single, i + 1, False))
-                single = -1
-        i = j
-    if single >= 0:
-        blocks.append((single, B, False))
-    return [(a, b, sh and b - a >= 2) for a, b, sh in blocks]
-
-
-def _cache_kwarg(body: nn.Module) -> str:
-    """The keyword a transformers model takes its key/value cache by (`cache` since 5.2x, `past_key_values` before)."""
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether gradient (activation) checkpointing is on, under either transformers name."""
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
-
-
-def _shared_prompt_states(body: nn.Module, x: Int[Tensor, "b T"], am: Bool[Tensor, "b T"], n_prompt: int
-                          ) -> Float[Tensor, "b T_new H"]:
-    """The final hidden states predicting x[:, n_prompt:] for rows that share one prompt: the prompt runs once (one
-    row, its real tokens only), then the completions run on its key/value cache, repeated per row. The same
-    positions and attention as each row run alone; the prompt's activations are computed once instead of b times,
-    and the gradient from every completion reaches them through the cache."""
-    from transformers import DynamicCache
-
-    b, T = x.shape
-    n_real = int(am[0, :n_prompt].sum())
-    prompt = x[:1, n_prompt - n_real:n_prompt]  # (1, Lp)
-    cache = DynamicCache()
-    kw = {_cache_kwarg(body): cache, "use_cache": True}
-    pos = torch.arange(T - n_prompt + n_real, device=x.device)
-    h_p = body(input_ids=prompt, position_ids=pos[None, :n_real], **kw).last_hidden_state  # (1, Lp, H)
-    cache.batch_repeat_interleave(b)
-    h_c = body(input_ids=x[:, n_prompt:], position_ids=pos[None, n_real:].expand(b, -1),
-               **kw).last_hidden_state  # (b, T_new, H)
-    return torch.cat([h_p[:, -1:].expand(b, -1, -1), h_c[:, :-1]], dim=1)  # (b, T_new, H)
-
-
 def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, micro_batch: int,
                    attention_mask: Bool[Tensor, "B T"] | None = None, *,
-                   temperature: float = 1.0, share_prompt: bool | None = None) -> Float[Tensor, "B T_new"]:
+                   temperature: float = 1.0) -> Float[Tensor, "B T_new"]:
     """log p_T(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32, where p_T =
     softmax(logits / T) is the distribution the rollouts were sampled at (as TRL and verl compute it; top-p is not
     applied). `temperature` 0 means greedy sampling and uses T = 1. `attention_mask` is False on each row's left
@@ -168,12 +96,6 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     to nothing; fused attention kernels can return NaN gradients for such fully masked rows, and through the knobs'
     shared parameters one such row poisons the whole step's gradient although the loss never reads it. Plain
     causal attention also takes the faster kernels.
-
-    `share_prompt` (default SHARE_PROMPT): consecutive rows with the same prompt (a GRPO group) run the prompt once
-    and their completions on its cache (`prompt_blocks`, `_shared_prompt_states`): with prompts about as long as
-    completions that is about half the tokens through the model, forward and backward, for the same log-probs and
-    gradients up to rounding. Only where the output layer is chunked (below) and the model keeps a cache (not under
-    gradient checkpointing in training, where transformers turns the cache off).
 
     Runs `micro_batch` rows at a time over the completion positions only, so the full (B, T, V) logits are never
     held. For the model types in CHUNKED_HEADS the output layer and the float32 log-softmax run on LOGPROB_CHUNK
@@ -194,27 +116,20 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     if not bool((attention_mask[:, 1:n_prompt].int() >= attention_mask[:, :n_prompt - 1].int()).all()):
         raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
                          "(False then True); got a gap inside a prompt")
-    share = (SHARE_PROMPT if share_prompt is None else share_prompt) and chunked and \
-        not (model.training and _checkpointing(model))
-    blocks = (prompt_blocks(ids, attention_mask, n_prompt, micro_batch) if share else
-              [(i, min(i + micro_batch, B), False) for i in range(0, B, micro_batch)])
     out = []
-    for i, j, shared in blocks:
-        x, am = ids[i:j], attention_mask[i:j]  # (b, T)
+    for i in range(0, B, micro_batch):
+        x, am = ids[i:i + micro_batch], attention_mask[i:i + micro_batch]  # (b, T)
         targets = x[:, n_prompt:]  # (b, t_new)
-        if shared:
-            h = _shared_prompt_states(body, x, am, n_prompt)  # (b, t_new, H)
-        else:
-            shifted, pred = right_aligned(x, am, n_prompt)  # (b, T), (b, t_new)
-            kw = dict(input_ids=shifted, position_ids=torch.arange(T, device=x.device).expand_as(x), use_cache=False)
-            if not chunked:
-                first = int(pred.min())  # the earliest predicting column of any row: keep the logits from there on
-                logits = model(**kw, logits_to_keep=T - first).logits  # (b, T - first, V)
-                logits = logits.gather(1, (pred - first)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, t_new, V)
-                out.append(_picked_logprobs(nn.Identity(), logits, targets, scale))
-                continue
-            h = body(**kw).last_hidden_state  # (b, T, H)
-            h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_new, H): the states predicting targets
+        shifted, pred = right_aligned(x, am, n_prompt)  # (b, T), (b, t_new)
+        kw = dict(input_ids=shifted, position_ids=torch.arange(T, device=x.device).expand_as(x), use_cache=False)
+        if not chunked:
+            first = int(pred.min())  # the earliest predicting column of any row: keep the logits from there on
+            logits = model(**kw, logits_to_keep=T - first).logits  # (b, T - first, V)
+            logits = logits.gather(1, (pred - first)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, t_new, V)
+            out.append(_picked_logprobs(nn.Identity(), logits, targets, scale))
+            continue
+        h = body(**kw).last_hidden_state  # (b, T, H)
+        h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_new, H): the states predicting targets
         parts = []
         for c in range(0, t_new, LOGPROB_CHUNK):
             hc, tc = h[:, c:c + LOGPROB_CHUNK], targets[:, c:c + LOGPROB_CHUNK]
