@@ -249,6 +249,43 @@ def test_slots_share_the_cores_between_jobs(monkeypatch):
         experiment.slots_for("a", 1)
 
 
+def test_sweeps_running_side_by_side_on_one_machine_share_the_cores(tmp_path, monkeypatch):
+    """Another live runner's slots shrink this sweep's grader workers; a dead runner's note is ignored and removed;
+    this sweep's own note is gone when it ends."""
+    monkeypatch.setattr(experiment, "RUNNERS", tmp_path / "runners")
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    cfg = PRESETS["fast-dev-run"]
+    jobs = experiment.plan([experiment.Job(n, "train", dataclasses.replace(cfg, run_dir=str(tmp_path / n)))
+                            for n in ("a", "b")])
+    workers = []
+
+    def start(root, j, slot, warm=False):
+        workers.append(slot.workers)
+        return _FakeJob(0, 1), 0.0, open(tmp_path / f"{j.name}.log", "w")
+
+    monkeypatch.setattr(experiment, "_start", start)
+    slots = experiment.slots_for("0", 2)
+    assert [s.workers for s in slots] == [16, 16]
+    (tmp_path / "runners").mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        (tmp_path / "runners" / str(other.pid)).write_text("2")
+        (tmp_path / "runners" / str(dead.pid)).write_text("8")
+        assert experiment.run_jobs(tmp_path, jobs, slots) == {"a": "done", "b": "done"}
+        assert workers == [8, 8]  # 32 cores over this sweep's 2 slots and the other's 2
+        assert sorted(p.name for p in (tmp_path / "runners").iterdir()) == [str(other.pid)]
+    finally:
+        other.kill()
+        other.wait()
+    workers.clear()
+    for j in jobs:
+        (tmp_path / "jobs" / j.name / "status").write_text("pending")
+    assert experiment.run_jobs(tmp_path, jobs, slots) == {"a": "done", "b": "done"}
+    assert workers == [16, 16]  # alone on the machine again
+
+
 def test_template_disjoint_folds_show_the_teacher_one_half_and_build_V_from_the_other(tmp_path):
     jobs = build_jobs(tmp_path, PRESETS["fast-dev-run"], ExperimentArgs(arms="vanilla,erase", template_disjoint=True))
     trains = [j for j in jobs if j.command == "train"]

@@ -14,7 +14,8 @@ settings it is planned with now: config.MEMORY_FIELDS are not part of an identit
 `<out>/jobs/<name>/{job.json,config.json,status,log.txt}`; `--status` lists the planned jobs and their state.
 
 Independent jobs run side by side: `--gpus 0,1 --jobs-per-gpu 2` (default: every visible GPU, one job each; CPU: one
-job at a time); each job is pinned with CUDA_VISIBLE_DEVICES, and grader workers are shared out between running jobs.
+job at a time); each job is pinned with CUDA_VISIBLE_DEVICES, and grader workers are shared out between running jobs,
+also with the jobs of other sweeps and pipelines running on the same machine (`RUNNERS`).
 
 Arms (the `--arms` names):
   vanilla     GRPO, V measured only (cin/cout logged), no intervention
@@ -37,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +225,46 @@ def slots_for(gpus: str, jobs_per_gpu: int) -> list[Slot]:
     return [Slot(g, max(1, cores // n)) for g in ids for _ in range(jobs_per_gpu)]
 
 
+RUNNERS = Path(tempfile.gettempdir()) / "projected_grpo-runners"
+"""Each running sweep or pipeline with GPU slots notes its number of slots here (a file named by its pid), so that
+runners started side by side on one machine (say one sweep per GPU) share the cores instead of each giving its jobs
+a share of all of them (4 coder15 jobs with 16 grader workers each on 32 cores ran their steps ~2x slower)."""
+
+
+def _register_runner(n_slots: int) -> Path:
+    RUNNERS.mkdir(parents=True, exist_ok=True)
+    note = RUNNERS / str(os.getpid())
+    note.write_text(str(n_slots))
+    return note
+
+
+def machine_slots() -> int:
+    """Job slots of every live runner on this machine (notes of runners that died are removed)."""
+    total = 0
+    for note in RUNNERS.glob("*") if RUNNERS.is_dir() else []:
+        try:
+            pid, n = int(note.name), int(note.read_text() or 0)
+        except (ValueError, OSError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            note.unlink(missing_ok=True)
+            continue
+        except PermissionError:  # alive, another user's
+            pass
+        total += n
+    return total
+
+
+def workers_now(slot: Slot, own_slots: int) -> int:
+    """Grader workers for a job starting now in `slot`: its sweep's share of the cores, less where other runners on
+    the machine hold slots too."""
+    if not slot.workers:
+        return 0
+    return max(1, min(slot.workers, (os.cpu_count() or 1) // max(own_slots, machine_slots())))
+
+
 def _visible_gpus() -> int:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
@@ -298,6 +340,8 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
     polled: dict[str, tuple[float, float | None]] = {}  # GPU -> (when, MiB in use): nvidia-smi at most every 10 s
     bar = tqdm(total=len(jobs), initial=len(status), desc=desc, unit="job", dynamic_ncols=True, mininterval=5)
     shown = ""
+    note = _register_runner(len(slots)) if any(s.workers for s in slots) else None
+    shared = 0  # the grader workers per job last announced as reduced by other runners
     try:
         while todo or running:
             # start every ready job that has a free slot; block descendants of failures
@@ -326,7 +370,13 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
                     del waiting[j.name]
                 todo.remove(j)
                 free.remove(slot_i)
-                running[j.name] = (*_start(root, j, slots[slot_i], warm), slot_i)
+                slot = slots[slot_i]
+                w = workers_now(slot, len(slots))
+                if w < slot.workers and w != shared:
+                    bar.write(f"  other sweeps or pipelines are running on this machine ({machine_slots()} job slots in "
+                              f"all on {os.cpu_count()} cores): {w} grader workers per job instead of {slot.workers}")
+                shared = w if w < slot.workers else 0
+                running[j.name] = (*_start(root, j, dataclasses.replace(slot, workers=w), warm), slot_i)
             now = ", ".join(running)
             if now != shown:
                 bar.set_postfix_str(now)
@@ -380,6 +430,8 @@ def run_jobs(root: Path, jobs: list[Job], slots: list[Slot] | None = None, desc:
         raise
     finally:
         bar.close()
+        if note is not None:
+            note.unlink(missing_ok=True)
     return {j.name: status.get(j.name, "pending") for j in by_name.values()}
 
 
