@@ -89,8 +89,8 @@ def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: e
               micro_batch: int, beta: float = 1e-3) -> torch.Tensor | None:
     """Every row's reference log-probs (knobs zeroed, no grad) -> (B, T), as the trainer computes them while the
     grader works (`train.reference_logprobs`); None when beta = 0."""
-    return train.reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.prompt_len,
-                                    grpo_config(micro_batch, beta))
+    return train.reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.completion_mask,
+                                    roll.prompt_len, grpo_config(micro_batch, beta))
 
 
 def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: torch.optim.Optimizer,

@@ -199,10 +199,70 @@ def test_chunked_output_layer_matches_whole_logits_in_value_and_gradient(tmp_pat
     monkeypatch.setattr(grpo, "CHUNKED_HEADS", ())
     seen.clear()
     lp_w, g_w = run()
-    assert max(seen) == 8 + 1 + 4  # whole logits from the earliest predicting column: the row with 4 left pads
+    assert max(seen) == 8 + 4  # whole logits from the earliest predicting column (the row with 4 left pads) to the
+    # last one (the last token predicts nothing and is not run)
     torch.testing.assert_close(lp_c, lp_w, atol=1e-5, rtol=0)
     for a, b in zip(g_c, g_w, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _ragged_batch(seed: int = 5):
+    """Left-padded prompts of several lengths and completions ending at several positions (0 = nothing kept)."""
+    g = torch.Generator().manual_seed(seed)
+    n_prompt, t_new = 6, 9
+    n_real, extent = [6, 2, 4, 6, 3, 5, 1], [9, 2, 5, 0, 9, 3, 7]
+    ids = torch.randint(1, 50, (len(n_real), n_prompt + t_new), generator=g)
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    for r, n in enumerate(n_real):
+        attn[r, :n_prompt - n] = False
+    ids[~attn] = 0
+    cmask = torch.arange(t_new)[None] < torch.tensor(extent)[:, None]  # (B, t_new)
+    return ids, attn, cmask, n_prompt, torch.randn(len(n_real), t_new, generator=g)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_completion_mask_runs_only_the_columns_each_micro_batch_needs(tmp_path, monkeypatch, chunked):
+    """With the completion mask, each micro-batch runs through its longest row's last kept position only: the same
+    log-probs and knob gradients where the mask is True, exactly 0 after each row's end, fewer tokens through the
+    model."""
+    if not chunked:
+        monkeypatch.setattr(grpo, "CHUNKED_HEADS", ())
+    model = tiny_qwen3()
+    knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), "tiny-grpo")
+    for k in knobs.values():
+        k.dS.data.normal_(0, 0.1)
+    ids, attn, cmask, n_prompt, weights = _ragged_batch()
+    o = grpo.length_order(attn, cmask, n_prompt)  # as train cuts its micro-batches
+    ids, attn, cmask, weights = ids[o], attn[o], cmask[o], weights[o]
+    tokens = []
+    model.base_model.register_forward_hook(lambda m, i, kw, o: tokens.append(kw["input_ids"].numel()),
+                                           with_kwargs=True)
+
+    def run(mask):
+        for k in knobs.values():
+            k.dS.grad = None
+        lp = grpo.token_logprobs(model, ids, n_prompt, 3, attn, temperature=0.7, completion_mask=mask)
+        (lp * weights * cmask).sum().backward()
+        return lp.detach(), [k.dS.grad.clone() for k in knobs.values()]
+
+    lp_m, g_m = run(cmask)
+    n_masked, tokens[:] = sum(tokens), []
+    lp_w, g_w = run(None)
+    assert n_masked < 0.8 * sum(tokens)
+    torch.testing.assert_close(lp_m[cmask], lp_w[cmask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp_w[cmask], naive_logprobs(model, ids, attn, n_prompt, 0.7)[cmask], atol=1e-5, rtol=0)
+    assert (lp_m[~cmask] == 0).all() and (lp_w[~cmask] != 0).all()
+    for a, b in zip(g_m, g_w, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(a.abs().sum() > 0 for a in g_m)
+    with pytest.raises(ValueError, match="completion_mask is"):
+        grpo.token_logprobs(model, ids, n_prompt, 3, attn, completion_mask=cmask[:, 1:])
+
+
+def test_length_order_puts_rows_of_similar_length_together_longest_first():
+    ids, attn, cmask, n_prompt, _ = _ragged_batch()  # tokens needed: 15, 4, 9, 6, 12, 8, 8
+    assert grpo.completion_extent(cmask).tolist() == [9, 2, 5, 0, 9, 3, 7]
+    assert grpo.length_order(attn, cmask, n_prompt).tolist() == [0, 4, 2, 5, 6, 3, 1]
 
 
 class _NaNGradOnEmptyRows(torch.autograd.Function):

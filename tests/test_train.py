@@ -109,6 +109,50 @@ def test_pad_sequences_layout():
     assert cmask.tolist() == [[True, False, False], [True, True, True]]
 
 
+def test_micro_batches_of_rows_of_similar_length_give_the_whole_batch_gradient(cache):
+    """backward_pass cuts its micro-batches from the rows ordered by length and runs each through its rows' length
+    only: the knobs get the gradient of the whole batch's loss computed in one pass, and reference_logprobs comes
+    back in row order (0 after each row's end)."""
+    from projected_grpo import grpo, world
+
+    cfg = PRESETS["fast-dev-run"]
+    loaded, knobs, _ = world.load_model(cfg)
+    model = loaded.model
+    with torch.no_grad():
+        for k in knobs.values():
+            k.dS.normal_(0, 0.05)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
+    comps = [[20, 21, 22, 23, 24, 25], [30, 31], [40, 41, 42, 43], [50], [60, 61, 62]]
+    ids, attn, cmask, n_prompt = train.pad_sequences(prompts, comps, loaded.pad_id)
+    assert grpo.length_order(attn, cmask, n_prompt).tolist() == [0, 2, 4, 1, 3]  # not the row order
+    adv = torch.tensor([1.0, -0.5, 0.3, 2.0, -1.0])
+    g = dataclasses.replace(cfg.grpo, beta=0.1, micro_batch=2)
+
+    ref = train.reference_logprobs(model, knobs, ids, attn, cmask, n_prompt, g)
+    with torch.no_grad(), adapter.zeroed(knobs):
+        want_ref = grpo.token_logprobs(model, ids, n_prompt, len(ids), attn, temperature=g.temperature)
+    torch.testing.assert_close(ref[cmask], want_ref[cmask], atol=1e-5, rtol=0)
+    assert (ref[~cmask] == 0).all()
+
+    def grads() -> list[torch.Tensor]:
+        return [k.dS.grad.clone() for k in knobs.values()]
+
+    for k in knobs.values():
+        k.dS.grad = None
+    totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0)
+    train.backward_pass(model, knobs, ids, attn, cmask, n_prompt, adv, g, 100.0, totals, "x", 0)
+    got = grads()
+    for k in knobs.values():
+        k.dS.grad = None
+    lp = grpo.token_logprobs(model, ids, n_prompt, len(ids), attn, temperature=g.temperature)  # all rows at once
+    loss, st = grpo.grpo_loss(lp, lp.detach(), want_ref, adv, cmask, clip=g.clip, beta=g.beta, denom=100.0)
+    loss.backward()
+    assert totals["tokens"] == float(st["tokens"]) == float(cmask.sum())
+    assert any(a.abs().sum() > 0 for a in got)
+    for a, b in zip(got, grads(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 # --- the loop --------------------------------------------------------------------------------------------------------
 
 

@@ -83,9 +83,24 @@ def right_aligned(ids: Int[Tensor, "b T"], attention_mask: Bool[Tensor, "b T"], 
     return shifted, pred
 
 
+def completion_extent(completion_mask: Bool[Tensor, "B T_new"]) -> Int[Tensor, " B"]:
+    """Completion positions each row needs a log-prob at: through its last True (0 for a row with none)."""
+    cols = torch.arange(1, completion_mask.shape[1] + 1, device=completion_mask.device)
+    return (completion_mask.to(torch.long) * cols).amax(dim=1)
+
+
+def length_order(attention_mask: Bool[Tensor, "B T"], completion_mask: Bool[Tensor, "B T_new"], n_prompt: int
+                 ) -> Int[Tensor, " B"]:
+    """The rows by the tokens a forward pass needs for them (real prompt + completion through its last masked
+    position), longest first: micro-batches cut from this order hold rows of similar length, so each runs at about
+    its own rows' length (`token_logprobs(completion_mask=...)`), and the first holds the peak memory."""
+    need = attention_mask[:, :n_prompt].sum(dim=1) + completion_extent(completion_mask)  # (B,)
+    return torch.sort(need, descending=True, stable=True).indices
+
+
 def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, micro_batch: int,
-                   attention_mask: Bool[Tensor, "B T"] | None = None, *,
-                   temperature: float = 1.0) -> Float[Tensor, "B T_new"]:
+                   attention_mask: Bool[Tensor, "B T"] | None = None, *, temperature: float = 1.0,
+                   completion_mask: Bool[Tensor, "B T_new"] | None = None) -> Float[Tensor, "B T_new"]:
     """log p_T(ids[:, t] | ids[:, :t]) for the completion columns t >= n_prompt, in float32, where p_T =
     softmax(logits / T) is the distribution the rollouts were sampled at (as TRL and verl compute it; top-p is not
     applied). `temperature` 0 means greedy sampling and uses T = 1. `attention_mask` is False on each row's left
@@ -101,7 +116,12 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     held. For the model types in CHUNKED_HEADS the output layer and the float32 log-softmax run on LOGPROB_CHUNK
     positions at a time, each chunk recomputed in the backward pass instead of kept (torch.utils.checkpoint): with a
     150k vocabulary that is the difference between ~0.6 GB and ~8 GB of logits and their copies per micro-batch of
-    8 × 512 positions. Keeps the autograd graph (call under `torch.no_grad()` for reference / old log-probs)."""
+    8 × 512 positions. Keeps the autograd graph (call under `torch.no_grad()` for reference / old log-probs).
+
+    `completion_mask` (the caller's, True where a log-prob is used): each micro-batch runs only the columns its rows
+    need (through their last True: the padding after the micro-batch's longest row is never computed), and the
+    positions after a row's last True are 0. Completions are often far shorter than the longest one of a step;
+    cutting micro-batches from rows of similar length (`length_order`) makes that most of the saving."""
     B, T = ids.shape
     t_new = T - n_prompt
     assert 0 < n_prompt < T and micro_batch >= 1, (n_prompt, T, micro_batch)
@@ -116,29 +136,45 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
     if not bool((attention_mask[:, 1:n_prompt].int() >= attention_mask[:, :n_prompt - 1].int()).all()):
         raise ValueError("token_logprobs: the attention mask of the prompt columns must be left padding only "
                          "(False then True); got a gap inside a prompt")
+    if completion_mask is not None and completion_mask.shape != (B, t_new):
+        raise ValueError(f"token_logprobs: completion_mask is {tuple(completion_mask.shape)}, expected {(B, t_new)}")
+    extent = completion_extent(completion_mask) if completion_mask is not None else None  # (B,)
     out = []
     for i in range(0, B, micro_batch):
         x, am = ids[i:i + micro_batch], attention_mask[i:i + micro_batch]  # (b, T)
-        targets = x[:, n_prompt:]  # (b, t_new)
+        t_keep = t_new if extent is None else max(1, int(extent[i:i + micro_batch].max()))  # completion positions
+        targets = x[:, n_prompt:n_prompt + t_keep]  # (b, t_keep)
         shifted, pred = right_aligned(x, am, n_prompt)  # (b, T), (b, t_new)
-        kw = dict(input_ids=shifted, position_ids=torch.arange(T, device=x.device).expand_as(x), use_cache=False)
+        pred = pred[:, :t_keep]  # (b, t_keep)
+        if extent is None:
+            L = int(pred.max()) + 1  # the columns any kept position is predicted from; the rest is never run
+        else:  # through the column predicting each row's last kept position
+            e = extent[i:i + micro_batch].to(pred.device)  # (b,)
+            last = pred.gather(1, (e - 1).clamp(min=0)[:, None])[:, 0]  # (b,)
+            L = max(1, int(torch.where(e > 0, last + 1, 1).max()))
+            pred = pred.clamp(max=L - 1)  # positions past a row's end (zeroed below) read any column
+        kw = dict(input_ids=shifted[:, :L], position_ids=torch.arange(L, device=x.device).expand(x.shape[0], L),
+                  use_cache=False)
         if not chunked:
             first = int(pred.min())  # the earliest predicting column of any row: keep the logits from there on
-            logits = model(**kw, logits_to_keep=T - first).logits  # (b, T - first, V)
-            logits = logits.gather(1, (pred - first)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, t_new, V)
-            out.append(_picked_logprobs(nn.Identity(), logits, targets, scale))
-            continue
-        h = body(**kw).last_hidden_state  # (b, T, H)
-        h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_new, H): the states predicting targets
-        parts = []
-        for c in range(0, t_new, LOGPROB_CHUNK):
-            hc, tc = h[:, c:c + LOGPROB_CHUNK], targets[:, c:c + LOGPROB_CHUNK]
-            if torch.is_grad_enabled() and hc.requires_grad:
-                parts.append(torch.utils.checkpoint.checkpoint(_picked_logprobs, head, hc, tc, scale,
-                                                               use_reentrant=False))
-            else:
-                parts.append(_picked_logprobs(head, hc, tc, scale))
-        out.append(torch.cat(parts, dim=1))  # (b, t_new)
+            logits = model(**kw, logits_to_keep=L - first).logits  # (b, L - first, V)
+            logits = logits.gather(1, (pred - first)[..., None].expand(-1, -1, logits.shape[-1]))  # (b, t_keep, V)
+            lp = _picked_logprobs(nn.Identity(), logits, targets, scale)  # (b, t_keep)
+        else:
+            h = body(**kw).last_hidden_state  # (b, L, H)
+            h = h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1]))  # (b, t_keep, H): the states predicting
+            parts = []
+            for c in range(0, t_keep, LOGPROB_CHUNK):
+                hc, tc = h[:, c:c + LOGPROB_CHUNK], targets[:, c:c + LOGPROB_CHUNK]
+                if torch.is_grad_enabled() and hc.requires_grad:
+                    parts.append(torch.utils.checkpoint.checkpoint(_picked_logprobs, head, hc, tc, scale,
+                                                                   use_reentrant=False))
+                else:
+                    parts.append(_picked_logprobs(head, hc, tc, scale))
+            lp = torch.cat(parts, dim=1)  # (b, t_keep)
+        if extent is not None:  # exactly 0 after each row's last position (also inside the micro-batch's t_keep)
+            lp = torch.where(torch.arange(t_keep, device=lp.device)[None] < e[:, None].to(lp.device), lp, 0.0)
+        out.append(torch.nn.functional.pad(lp, (0, t_new - t_keep)))  # (b, t_new)
     return torch.cat(out, dim=0)
 
 

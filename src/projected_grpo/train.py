@@ -96,14 +96,16 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
     completion log-prob (logp_<who>, tokens_<who>) into `totals`."""
     device = next(iter(knobs.values())).dS.device
     if ref_all is None:
-        ref_all = reference_logprobs(model, knobs, ids, attn, n_prompt, g)  # None when β = 0
+        ref_all = reference_logprobs(model, knobs, ids, attn, cmask, n_prompt, g)  # None when β = 0
+    order = grpo.length_order(attn, cmask, n_prompt)  # micro-batches of rows of similar length, longest first
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     with adapter.folded(knobs) if fold else contextlib.nullcontext():
         for i in range(0, ids.shape[0], g.micro_batch):
-            sl = slice(i, i + g.micro_batch)
+            sl = order[i:i + g.micro_batch]
             x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
             ref = ref_all[sl].to(device) if ref_all is not None else None  # (b, T)
-            lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature)  # (b, T)
+            lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature,
+                                     completion_mask=m)  # (b, T)
             loss, st = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(device), m, clip=g.clip, beta=g.beta,
                                       denom=denom)
             if not torch.isfinite(loss):
@@ -118,20 +120,21 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
     model.eval()
 
 
-def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, n_prompt: int,
-                       g: GRPOConfig) -> Tensor | None:
-    """The reference's (knobs zeroed) log-probs of every row's completion, (B, T); None when β = 0. Needs no reward,
-    so train computes it while the grader works."""
+def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
+                       n_prompt: int, g: GRPOConfig) -> Tensor | None:
+    """The reference's (knobs zeroed) log-probs of every row's completion, (B, T), 0 after each row's last position
+    in cmask; None when β = 0. Needs no reward, so train computes it while the grader works."""
     if g.beta == 0:
         return None
     device = next(iter(knobs.values())).dS.device
-    out = []
+    out = torch.zeros(cmask.shape, dtype=torch.float32)  # (B, T)
+    order = grpo.length_order(attn, cmask, n_prompt)
     with torch.no_grad(), adapter.zeroed(knobs):
         for i in range(0, ids.shape[0], g.micro_batch):
-            sl = slice(i, i + g.micro_batch)
-            out.append(grpo.token_logprobs(model, ids[sl].to(device), n_prompt, g.micro_batch, attn[sl].to(device),
-                                           temperature=g.temperature).cpu())
-    return torch.cat(out)
+            sl = order[i:i + g.micro_batch]
+            out[sl] = grpo.token_logprobs(model, ids[sl].to(device), n_prompt, g.micro_batch, attn[sl].to(device),
+                                          temperature=g.temperature, completion_mask=cmask[sl].to(device)).cpu()
+    return out
 
 
 def rollout_rows(step: int, probs: list[P.Problem], n_student: int, s_grades: list, s_text: list[str],
@@ -353,7 +356,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
             time_generate = time.perf_counter() - t0
             # --- the reference log-probs while the last programs are graded; teacher rows carry frozen grades
             t0 = time.perf_counter()
-            s_ref = reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.prompt_len, g)
+            s_ref = reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.completion_mask,
+                                       roll.prompt_len, g)
             time_ref = time.perf_counter() - t0
             s_grades = grading.result()
             time_grade = time.perf_counter() - t0  # the wait for grades after generation
