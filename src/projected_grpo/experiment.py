@@ -228,7 +228,7 @@ def slots_for(gpus: str, jobs_per_gpu: int) -> list[Slot]:
 RUNNERS = Path(tempfile.gettempdir()) / "projected_grpo-runners"
 """Each running sweep or pipeline with GPU slots notes its number of slots here (a file named by its pid), so that
 runners started side by side on one machine (say one sweep per GPU) share the cores instead of each giving its jobs
-a share of all of them (4 coder15 jobs with 16 grader workers each on 32 cores ran their steps ~2x slower)."""
+a share of all of them (two sweeps, one per GPU, once ran 4 coder15 jobs with 16 grader workers each on 32 cores)."""
 
 
 def _register_runner(n_slots: int) -> Path:

@@ -97,7 +97,8 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
     device = next(iter(knobs.values())).dS.device
     if ref_all is None:
         ref_all = reference_logprobs(model, knobs, ids, attn, cmask, n_prompt, g)  # None when β = 0
-    order = grpo.length_order(attn, cmask, n_prompt)  # micro-batches of rows of similar length, longest first
+    # micro-batches of rows of similar length, longest first (on the CPU: it indexes adv and ref_all, CPU tensors)
+    order = grpo.length_order(attn, cmask, n_prompt).cpu()
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     with adapter.folded(knobs) if fold else contextlib.nullcontext():
         for i in range(0, ids.shape[0], g.micro_batch):
@@ -109,7 +110,8 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
             loss, st = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(device), m, clip=g.clip, beta=g.beta,
                                       denom=denom)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: non-finite loss in the {who} pass (micro-batch at row {i}); "
+                raise FloatingPointError(f"step {step}: non-finite loss in the {who} pass (micro-batch of rows "
+                                         f"{sl.tolist()}); "
                                          "lower --lr or --beta")
             loss.backward()
             totals["loss"] += float(loss.detach())
@@ -127,8 +129,8 @@ def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: T
     if g.beta == 0:
         return None
     device = next(iter(knobs.values())).dS.device
-    out = torch.zeros(cmask.shape, dtype=torch.float32)  # (B, T)
-    order = grpo.length_order(attn, cmask, n_prompt)
+    out = torch.zeros(cmask.shape, dtype=torch.float32)  # (B, T), on the CPU
+    order = grpo.length_order(attn, cmask, n_prompt).cpu()  # indexes `out`
     with torch.no_grad(), adapter.zeroed(knobs):
         for i in range(0, ids.shape[0], g.micro_batch):
             sl = order[i:i + g.micro_batch]
