@@ -138,21 +138,18 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
                          "(False then True); got a gap inside a prompt")
     if completion_mask is not None and completion_mask.shape != (B, t_new):
         raise ValueError(f"token_logprobs: completion_mask is {tuple(completion_mask.shape)}, expected {(B, t_new)}")
-    extent = completion_extent(completion_mask) if completion_mask is not None else None  # (B,)
+    extent = (completion_extent(completion_mask) if completion_mask is not None else  # (B,): positions kept per row
+              torch.full((B,), t_new, device=ids.device))
     out = []
     for i in range(0, B, micro_batch):
         x, am = ids[i:i + micro_batch], attention_mask[i:i + micro_batch]  # (b, T)
-        t_keep = t_new if extent is None else max(1, int(extent[i:i + micro_batch].max()))  # completion positions
+        e = extent[i:i + micro_batch].to(x.device)  # (b,)
+        t_keep = max(1, int(e.max()))  # completion positions
         targets = x[:, n_prompt:n_prompt + t_keep]  # (b, t_keep)
         shifted, pred = right_aligned(x, am, n_prompt)  # (b, T), (b, t_new)
-        pred = pred[:, :t_keep]  # (b, t_keep)
-        if extent is None:
-            L = int(pred.max()) + 1  # the columns any kept position is predicted from; the rest is never run
-        else:  # through the column predicting each row's last kept position
-            e = extent[i:i + micro_batch].to(pred.device)  # (b,)
-            last = pred.gather(1, (e - 1).clamp(min=0)[:, None])[:, 0]  # (b,)
-            L = max(1, int(torch.where(e > 0, last + 1, 1).max()))
-            pred = pred.clamp(max=L - 1)  # positions past a row's end (zeroed below) read any column
+        last = pred.gather(1, (e - 1).clamp(min=0)[:, None])[:, 0]  # (b,): the column predicting a row's last kept one
+        L = max(1, int(torch.where(e > 0, last + 1, 1).max()))  # the columns run; the rest never is
+        pred = pred[:, :t_keep].clamp(max=L - 1)  # (b, t_keep); positions past a row's end (zeroed below) read any
         kw = dict(input_ids=shifted[:, :L], position_ids=torch.arange(L, device=x.device).expand(x.shape[0], L),
                   use_cache=False)
         if not chunked:
@@ -172,8 +169,7 @@ def token_logprobs(model: nn.Module, ids: Int[Tensor, "B T"], n_prompt: int, mic
                 else:
                     parts.append(_picked_logprobs(head, hc, tc, scale))
             lp = torch.cat(parts, dim=1)  # (b, t_keep)
-        if extent is not None:  # exactly 0 after each row's last position (also inside the micro-batch's t_keep)
-            lp = torch.where(torch.arange(t_keep, device=lp.device)[None] < e[:, None].to(lp.device), lp, 0.0)
+        lp = torch.where(torch.arange(t_keep, device=lp.device)[None] < e[:, None], lp, 0.0)  # 0 past a row's end
         out.append(torch.nn.functional.pad(lp, (0, t_new - t_keep)))  # (b, t_new)
     return torch.cat(out, dim=0)
 
