@@ -19,6 +19,8 @@ Two schedules, measured in the same run (`--schedules`, steps alternating betwee
 - overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory);
 - overlap_fold, overlap_nockpt_fold: the same with the knobs folded into W for the backward pass
   (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward).
+`--samplers auto,bisect` crosses the schedules with the engine's samplers (`engine.SAMPLERS`; the row's schedule
+reads e.g. overlap_nockpt+bisect), steps alternating over all pairs.
 """
 
 from __future__ import annotations
@@ -128,10 +130,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     ap.add_argument("--schedules", default="sequential,overlap",
                     help=f"comma-separated, from: {', '.join(SCHEDULES)}")
+    ap.add_argument("--samplers", default="auto", help=f"comma-separated, from: {', '.join(engine.SAMPLERS)}")
     a = ap.parse_args()
     schedules = [s for s in a.schedules.split(",") if s]
     if not schedules or any(s not in SCHEDULES for s in schedules):
         sys.exit(f"--schedules {a.schedules!r}: expected a comma-separated subset of {','.join(SCHEDULES)}")
+    samplers = [s for s in a.samplers.split(",") if s]
+    if not samplers or any(s not in engine.SAMPLERS for s in samplers):
+        sys.exit(f"--samplers {a.samplers!r}: expected a comma-separated subset of {','.join(engine.SAMPLERS)}")
+    if samplers != ["auto"]:
+        schedules = [f"{s}+{m}" for s in schedules for m in samplers]
     rollout.DEVICE = a.device
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     model = rollout.random_model(a.shape)
@@ -153,7 +161,7 @@ def main() -> None:
         hint = [problems.make_hint(problems.DEFAULT_HINT, p, rng) for p in probs]
         texts = [f"```python\n{p.canonical_solution}\n```" for p in probs]
 
-    rows = []
+    rows, auto = [], ""
     for step in range(a.steps * len(schedules)):
         sched = schedules[step % len(schedules)]
         if "nockpt" in sched:
@@ -163,6 +171,10 @@ def main() -> None:
         # rollout, knob merged into W
         t_gen = time.perf_counter()
         with torch.no_grad(), adapter.merged(knobs):
+            if a.device == "cuda":  # the static engine generate() takes below, with this schedule's sampler
+                eng = engine.engine_for(model, G, a.prompt_len + a.new)
+                auto = auto or eng.sampler  # the engine's own choice for this batch
+                eng.sampler = auto if sched.partition("+")[2] in ("", "auto") else sched.partition("+")[2]
             roll = engine.generate(model, [prompt] * G, max_new_tokens=a.new, temperature=0.7, top_p=0.95,
                                    eos_ids=[], pad_id=pad, seed=step)
         rollout.sync()

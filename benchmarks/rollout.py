@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument("--hf-new", type=int, default=64, help="new tokens for the HF generate timing")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, nargs="+", default=[0.95], help="one engine row per value")
-    ap.add_argument("--sampler", default="auto", choices=["auto", "torch", "triton"], help="the engine's sampler")
+    ap.add_argument("--sampler", nargs="+", default=["auto"], choices=engine.SAMPLERS,
+                    help="the engine's sampler; one engine row per sampler and top-p value")
     ap.add_argument("--greedy-check", type=int, default=0, help="compare greedy with HF for this many tokens")
     ap.add_argument("--profile", action="store_true", help="print the kernel times of eager decode steps per batch")
     ap.add_argument("--out", help="write the rows as JSON here")
@@ -225,8 +226,10 @@ def main() -> None:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
-        eng = engine.StaticEngine(model, B, math.ceil((P + a.new) / 256) * 256, sampler=a.sampler)
-        for top_p in a.top_p:
+        eng = engine.StaticEngine(model, B, math.ceil((P + a.new) / 256) * 256)
+        auto = eng.sampler  # the engine's own choice for this batch
+        for sampler, top_p in [(s, t) for s in a.sampler for t in a.top_p]:
+            eng.sampler = auto if sampler == "auto" else sampler  # a graph per sampler: the engine keys graphs by it
             ms, t1, tn, t_cap = time_ours(eng, model, prompts, pad, a.new, a.temperature, top_p)
             floor = (wb + kv_bytes_per_step(model, lens, 1, a.new - 1)) / bw * 1e3
             rows.append(dict(model=name, B=B, new=a.new, engine=f"static+graph, {eng.sampler} sampler (top_p {top_p})",
