@@ -19,8 +19,8 @@ Two schedules, measured in the same run (`--schedules`, steps alternating betwee
 - overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory);
 - overlap_fold, overlap_nockpt_fold: the same with the knobs folded into W for the backward pass
   (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward).
-`--samplers auto,bisect` crosses the schedules with the engine's samplers (`engine.SAMPLERS`; the row's schedule
-reads e.g. overlap_nockpt+bisect), steps alternating over all pairs.
+`--samplers auto,triton` crosses the schedules with the engine's samplers (`engine.SAMPLERS`; the row's schedule
+reads e.g. overlap_nockpt+triton), steps alternating over all pairs.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Two back ends behind one `generate(..., engine=)` (`--engine auto|static|hf`; `p
   KV cache (layers, B, kv_heads, capacity, head_dim) written by index, sampling (temperature / top-p) on the device
   with per-row stop at eos and an early exit checked every 16 steps, no host sync per token. On CUDA one decode step
   is ~10 kernels per layer (cuBLAS GEMMs on q|k|v and gate|up fused weights; Triton: add + RMSNorm, q/k norm + RoPE
-  + cache write, flash-decoding attention, silu * up; a Triton, a sort-based or a bisection sampler) captured once as a CUDA
+  + cache write, flash-decoding attention, silu * up; a Triton or a sort-based sampler) captured once as a CUDA
   graph and replayed per token. The CUDA default; on CPU it runs the same math eagerly with torch ops (tests).
   It keeps a copy of the weights (refreshed from the model at every call, so a merged knob is seen) and its cache
   per model until `release(model)`. Speed: benchmarks/RESULTS.md.
@@ -142,54 +142,6 @@ def sample(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Te
         j = (logp - noise.log()).argmax(dim=-1)  # (B,) index into the sorted order
         return order.gather(1, j[:, None])[:, 0], logp.gather(1, j[:, None])[:, 0]
     logp = torch.log_softmax(logits, dim=-1)
-    noise = torch.empty_like(logp).exponential_()
-    tok = (logp - noise.log()).argmax(dim=-1)
-    return tok, logp.gather(1, tok[:, None])[:, 0]
-
-
-def order_key(logits: Tensor) -> Tensor:
-    """logits (B, V) bf16/fp16/fp32 -> int32 keys in the logits' order (x < y <=> key(x) < key(y), equal values
-    equal keys except -0.0 < +0.0): the float's bits as a signed integer, the magnitude bits flipped for negatives.
-    The Triton sampler's `order_key` on whole tensors."""
-    if logits.element_size() == 2:
-        b = logits.view(torch.int16).to(torch.int32)
-        return torch.where(b < 0, b ^ 0x7FFF, b)
-    b = logits.float().view(torch.int32)
-    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
-
-
-def top_p_cut(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
-    """logits (B, V) -> (keep (B, V) bool, log_mass (B, 1) float32): the top-p nucleus of softmax(logits / T) as
-    `nucleus` defines it (ties with the least likely kept token kept) and the log of its unnormalised mass
-    sum(exp(y - max y)) over the kept tokens, y = logits / T. No sort: the cut is the largest order key whose upper
-    mass reaches top_p, found by bisection over the key range (16 rounds for 2-byte logits, 32 for fp32), each round
-    one compare and one sum over all rows at once; a fixed number of rounds, so no host sync (CUDA graphs)."""
-    y = logits.float() / temperature
-    e = (y - y.amax(-1, keepdim=True)).exp()  # (B, V)
-    z = e.sum(-1, keepdim=True)  # (B, 1)
-    if top_p >= 1.0:
-        return torch.ones_like(e, dtype=torch.bool), z.log()
-    key = order_key(logits)  # (B, V) int32
-    bits = 16 if logits.element_size() == 2 else 32
-    lo = torch.full_like(z, -(2 ** (bits - 1)), dtype=torch.int64)  # mass(key >= lo) = z >= top_p z
-    hi = torch.full_like(z, 2 ** (bits - 1), dtype=torch.int64)  # mass(key >= hi) = 0 < top_p z
-    mass, target = z, top_p * z
-    for _ in range(bits):  # hi - lo halves each round, from 2**bits to 1
-        mid = torch.div(lo + hi, 2, rounding_mode="floor")
-        s = torch.where(key >= mid, e, 0.0).sum(-1, keepdim=True)
-        ok = s >= target
-        lo, hi, mass = torch.where(ok, mid, lo), torch.where(ok, hi, mid), torch.where(ok, s, mass)
-    return key >= lo, mass.log()
-
-
-def sample_bisect(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
-    """The contract of `sample` for temperature > 0, in whole-tensor torch ops without a sort (`top_p_cut`): each
-    op spans every row at once, where the Triton sampler gives each row one program (most SMs idle at a few rows)
-    and the sort costs ~0.4 ms at 12 rows of 152k. Exact up to the order of float sums at the cut."""
-    assert temperature > 0, temperature
-    keep, log_mass = top_p_cut(logits, temperature, top_p)
-    y = logits.float() / temperature
-    logp = torch.where(keep, y - y.amax(-1, keepdim=True) - log_mass, float("-inf"))  # (B, V)
     noise = torch.empty_like(logp).exponential_()
     tok = (logp - noise.log()).argmax(dim=-1)
     return tok, logp.gather(1, tok[:, None])[:, 0]
@@ -456,7 +408,7 @@ def attend_torch(q: Tensor, kc: Tensor, vc: Tensor, start: Tensor, end: Tensor, 
 
 
 _KERNELS: dict[str, object] = {}
-SAMPLERS = ("auto", "torch", "bisect", "triton")  # torch: sort-based; bisect: `sample_bisect`; triton: `sample_triton`
+SAMPLERS = ("auto", "torch", "triton")  # torch: sort-based (`sample`); triton: one program per row (`sample_triton`)
 SAMPLER_TRITON_MIN_BATCH = 32  # below this many rows the sort-based torch sampler is faster (see StaticEngine)
 
 
@@ -833,7 +785,7 @@ class StaticEngine:
         if sampler == "auto":
             sampler = "triton" if self.kernels == "triton" and batch >= SAMPLER_TRITON_MIN_BATCH else "torch"
         if sampler not in SAMPLERS[1:] or (sampler == "triton" and self.kernels != "triton"):
-            raise ValueError(f"sampler must be auto, torch, bisect, or triton (with kernels='triton'), got {sampler!r}")
+            raise ValueError(f"sampler must be auto, torch, or triton (with kernels='triton'), got {sampler!r}")
         self.sampler = sampler
         self.graphs = cuda if graphs is None else graphs
         if self.graphs and not cuda:
@@ -941,8 +893,6 @@ class StaticEngine:
         if self.sampler == "triton" and temperature > 0:
             tok, lp = sample_triton(logits, temperature, top_p, self.rng)  # (B,), (B,)
             self.rng += 1
-        elif self.sampler == "bisect" and temperature > 0:
-            tok, lp = sample_bisect(logits, temperature, top_p)  # (B,), (B,)
         else:
             tok, lp = sample(logits, temperature, top_p)  # (B,), (B,)
         alive = ~self.done
