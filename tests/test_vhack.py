@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,12 +147,22 @@ def test_swapping_labels_is_no_control_it_gives_the_same_subspace():
 
 
 def test_control_arms_extract_their_own_V(tmp_path):
+    """cleanclean's V (other pairs) has its own job; the real and the PCA V (the same pairs) come from one job that
+    writes both, and pca_V trains on the second file; pca_V alone gets a job of its own."""
     jobs = {j.name: j for j in experiment.build_jobs(tmp_path, PRESETS["fast-dev-run"],
                                                       experiment.ExperimentArgs(arms="erase,pca_V,cleanclean_V,random_V"))}
-    assert jobs["extract-pca-s41"].cfg.vhack.control == "pca"
+    assert {n for n in jobs if n.startswith("extract-")} == {"extract-real-s41", "extract-cleanclean-s41"}
+    real = jobs["extract-real-s41"]
+    assert real.cfg.vhack.control == "none,pca" and jobs["erase-s41"].cfg.proj.vhack_path == real.cfg.proj.vhack_path
+    pca_path = vhack.control_path(real.cfg.proj.vhack_path, "pca", ("none", "pca"))
+    assert jobs["pca_V-s41"].cfg.proj.vhack_path == str(pca_path) != real.cfg.proj.vhack_path
+    assert jobs["pca_V-s41"].parents == ["extract-real-s41"] and real.outputs == [Path(real.cfg.proj.vhack_path), pca_path]
     assert jobs["extract-cleanclean-s41"].cfg.vhack.control == "cleanclean"
-    assert jobs["pca_V-s41"].cfg.proj.vhack_path == jobs["extract-pca-s41"].cfg.proj.vhack_path
     assert jobs["cleanclean_V-s41"].parents == ["extract-cleanclean-s41"]
+    alone = {j.name: j for j in experiment.build_jobs(tmp_path, PRESETS["fast-dev-run"],
+                                                       experiment.ExperimentArgs(arms="pca_V"))}
+    assert alone["extract-pca-s41"].cfg.vhack.control == "pca" and alone["pca_V-s41"].parents == ["extract-pca-s41"]
+    assert alone["pca_V-s41"].cfg.proj.vhack_path == alone["extract-pca-s41"].cfg.proj.vhack_path
     assert jobs["random_V-s41"].cfg.proj.vhack_random and jobs["random_V-s41"].parents == ["extract-real-s41"]
     for gone in ("shuffled_V", "nonhack_V"):
         with pytest.raises(ValueError, match=f"unknown arm.*{gone}"):
@@ -325,6 +336,38 @@ def test_minimal_pairs_are_the_default_and_V_records_its_pairs(tiny):
     held = {i.split(":")[0] for i in meta["heldout_ids"]}
     assert len(held) == 2 and not held & {i.split(":")[0] for i in meta["pair_ids"]}
     assert "16 minimal pairs of 4 problems" in line and "held out 2 problems (8 pairs)" in line
+
+
+def test_real_and_pca_V_from_one_pass_equal_their_own_extractions(tiny, tmp_path, monkeypatch):
+    """--control none,pca: one pass of pair gradients, two files, each the V (and metadata key) its own extraction
+    gives; a second call reuses both without a gradient pass. Controls that cannot go together are refused."""
+    cfg, path, _ = tiny
+    calls = []
+    real_grads = vhack.pair_grads
+    monkeypatch.setattr(vhack, "pair_grads", lambda *a, **k: calls.append(1) or real_grads(*a, **k))
+    both = dataclasses.replace(cfg, vhack=dataclasses.replace(cfg.vhack, control="none,pca"),
+                               proj=dataclasses.replace(cfg.proj, vhack_path=str(tmp_path / "v.safetensors")))
+    first, line = vhack.extract(both)
+    assert len(calls) == 1 and first == tmp_path / "v.safetensors"
+    pca_file = vhack.control_path(first, "pca", ("none", "pca"))
+    assert pca_file == tmp_path / "v.pca.safetensors" and "V (none)" in line and "V (pca)" in line
+    pca_alone = dataclasses.replace(cfg, vhack=dataclasses.replace(cfg.vhack, control="pca"),
+                                    proj=dataclasses.replace(cfg.proj, vhack_path=str(tmp_path / "alone.safetensors")))
+    alone, _ = vhack.extract(pca_alone)
+    fp = vhack.read_meta(path)["fingerprint"]
+    for joint, own in ((first, path), (pca_file, alone)):
+        assert vhack.read_meta(joint)["key"] == vhack.read_meta(own)["key"]
+        Vj, Vo = vhack.load_vhack(joint, fp)[0], vhack.load_vhack(own, fp)[0]
+        assert set(Vj) == set(Vo)
+        for n in Vj:
+            torch.testing.assert_close(Vj[n], Vo[n], atol=1e-5, rtol=1e-4)
+    assert vhack.read_meta(pca_file)["control"] == "pca" and vhack.read_meta(first)["control"] == "none"
+    calls.clear()
+    _, again = vhack.extract(both)
+    assert not calls and again.count("reused") == 2
+    for bad in ("none,cleanclean", "none,none", "none,bogus", ","):
+        with pytest.raises(ValueError, match="control="):
+            config.validate(dataclasses.replace(cfg, vhack=dataclasses.replace(cfg.vhack, control=bad)), "extract-vhack")
 
 
 def test_verify_file_writes_the_comparators_and_keeps_verdict_and_line(tiny, capsys):

@@ -261,7 +261,8 @@ class VhackConfig:
     """Drop axes whose singular value is below tau·S_0 of their module."""
     control: str = "none"
     """V controls: none (the real V), pca (label-free: top principal axes of all completion gradients, matched k),
-    cleanclean (V from clean-vs-clean pairs)."""
+    cleanclean (V from clean-vs-clean pairs). none,pca: both from one pass of the same pairs' gradients, the first
+    at --proj.vhack-path, the other beside it as <name>.pca.safetensors."""
     verify_margin: float = 0.05
     """verify-vhack PASSes only if V's hack-ward energy beats each anisotropy-matched comparator (pca, cleanclean) by
     at least this much (with a bootstrap 95% interval over held-out problems above 0)."""
@@ -590,7 +591,11 @@ def validate(cfg: Config, command: str = "train") -> None:
         (v.n_heldout >= 0, f"n_heldout={v.n_heldout} must be >= 0"),
         (v.max_pairs >= 0, f"max_pairs={v.max_pairs} must be >= 0 (0 = all)"),
         (v.normalisation in NORMALISATIONS, f"normalisation={v.normalisation!r} is not one of {NORMALISATIONS}"),
-        (v.control in CONTROLS, f"control={v.control!r} is not one of {', '.join(CONTROLS)}"),
+        (bool(split_list(v.control)) and all(c in CONTROLS for c in split_list(v.control))
+         and len(set(split_list(v.control))) == len(split_list(v.control)),
+         f"control={v.control!r} must be one of {', '.join(CONTROLS)}, or several of them comma-separated"),
+        ("cleanclean" not in split_list(v.control) or split_list(v.control) == ("cleanclean",),
+         f"control={v.control!r}: cleanclean is extracted from other pairs than none and pca; extract it on its own"),
         (all(m in P.MODES for m in split_list(v.pair_modes)),
          f"pair_modes={v.pair_modes!r} must be a comma-separated subset of {','.join(P.MODES)}"),
         (all(t in _hack_variants() + _minimal_variants() for t in split_list(v.pair_variants)),

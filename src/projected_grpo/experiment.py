@@ -49,8 +49,8 @@ from projected_grpo import config
 from projected_grpo.config import Config, split_list
 
 ARMS: dict[str, dict[str, str]] = {
-    # arm -> train's intervention, and which V it uses: "real" | "pca" | "cleanclean" (each its own extract job) |
-    # "random" (made from the real V's shapes)
+    # arm -> train's intervention, and which V it uses: "real" | "pca" | "cleanclean" (an extract job each; one job
+    # for real and pca when both are used: the same pairs' gradients) | "random" (made from the real V's shapes)
     "vanilla": {"intervention": "none", "v": "real"},
     "erase": {"intervention": "erase", "v": "real"},
     "route": {"intervention": "route", "v": "real"},
@@ -86,7 +86,10 @@ class Job:
         if self.command == "train":
             return [Path(self.cfg.run_dir)]
         if self.command == "extract-vhack":
-            return [Path(self.cfg.proj.vhack_path)]
+            from projected_grpo.vhack import control_path
+
+            controls = split_list(self.cfg.vhack.control)
+            return [control_path(self.cfg.proj.vhack_path, c, controls) for c in controls]
         if self.command == "verify-vhack":
             from projected_grpo.vhack import verify_path
 
@@ -648,14 +651,22 @@ def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], see
     if known:
         base = R(base, vhack=R(base.vhack, pair_modes=",".join(known)),
                  data=R(base.data, teacher_modes=",".join(known)))
+    from projected_grpo.vhack import control_path
+
     jobs = []
     kinds = sorted({ARMS[a]["v"] if ARMS[a]["v"] != "random" else "real" for a in arms})
-    for kind in kinds:
-        vp = str(vhack_path(root, seed, V_CONTROL[kind], tag))
+    # the real and the PCA V come from the same pairs' gradients: one job writes both when both are needed
+    joint = ("none", "pca") if {"real", "pca"} <= set(kinds) else ()
+    extract_of = {k: ("real" if V_CONTROL[k] in joint else k) for k in kinds}  # V kind -> the kind of its job
+    v_of = {k: str(control_path(vhack_path(root, seed, "none", tag), V_CONTROL[k], joint)) if V_CONTROL[k] in joint
+            else str(vhack_path(root, seed, V_CONTROL[k], tag)) for k in kinds}  # V kind -> its file
+    for kind in dict.fromkeys(extract_of.values()):
+        controls = joint if kind == "real" and joint else (V_CONTROL[kind],)
         jobs.append(Job(f"extract-{kind}{tag}-s{seed}", "extract-vhack",
-                        R(base, vhack=R(base.vhack, control=V_CONTROL[kind]), proj=R(base.proj, vhack_path=vp))))
+                        R(base, vhack=R(base.vhack, control=",".join(controls)),
+                          proj=R(base.proj, vhack_path=v_of[kind]))))
     real_v = str(vhack_path(root, seed, "none", tag))
-    if ex.verify:
+    if ex.verify and "real" in kinds:  # verification is of the real V
         jobs.append(Job(f"verify{tag}-s{seed}", "verify-vhack", R(base, proj=R(base.proj, vhack_path=real_v)),
                         [f"extract-real{tag}-s{seed}"]))
     variant = f"{tag}{'_noteacher' if ex.no_teacher else ''}"
@@ -667,10 +678,10 @@ def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], see
         ablate = cfg.eval_ablate_every or (max(1, cfg.steps // 4) if intervention == "route" else 0)
         tcfg = R(base, arm=arm, run_dir=str(run_dir), eval_ablate_every=ablate,
                  proj=R(cfg.proj, intervention=intervention, vhack_random=kind == "random",
-                        vhack_path=str(vhack_path(root, seed, V_CONTROL[v_kind], tag)),
+                        vhack_path=v_of[v_kind],
                         vhack_refresh_every=0 if kind == "random" else
                         ex.refresh_every if "refresh" in ARMS[arm] else cfg.proj.vhack_refresh_every))
-        jobs.append(Job(f"{arm}{variant}-s{seed}", "train", tcfg, [f"extract-{v_kind}{tag}-s{seed}"]))
+        jobs.append(Job(f"{arm}{variant}-s{seed}", "train", tcfg, [f"extract-{extract_of[v_kind]}{tag}-s{seed}"]))
         if ex.heldout_eval:
             jobs.append(Job(f"eval-{arm}{variant}-s{seed}", "eval", R(tcfg, out=str(run_dir / "eval")),
                             [f"{arm}{variant}-s{seed}"]))

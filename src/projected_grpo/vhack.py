@@ -740,7 +740,8 @@ def verify_path(vhack_path: str | Path) -> Path:
 
 EXTRACT_DOC = """projected-grpo extract-vhack: the hack direction V from contrastive pairs, written to --vhack-path.
 The model, adapter, problems and seed are the run's (same flags as train). --control pca | cleanclean writes a
-control V instead (label-free PCA V of matched k; V from clean-vs-clean pairs)."""
+control V instead (label-free PCA V of matched k; V from clean-vs-clean pairs); --control none,pca writes both from
+one pass of pair gradients (the PCA V beside --vhack-path as <name>.pca.safetensors)."""
 VERIFY_DOC = """projected-grpo verify-vhack: score the V at --vhack-path on the problems held out from its extraction,
 against the label-free PCA V and the clean-vs-clean V (matched k, the real V's orientation) and --verify-draws random
 Vs; PASS needs an energy gap >= --verify-margin over each comparator (bootstrap 95% CI over problems above 0), energy
@@ -755,32 +756,48 @@ def _check_verify_settings(v) -> None:
         raise ValueError(f"verify_margin={v.verify_margin} must be in [0, 1) (an energy gap); pass e.g. 0.05")
 
 
+def control_path(vhack_path: str | Path, control: str, controls: tuple[str, ...]) -> Path:
+    """Where extract-vhack writes the V of `control` among `controls` (--vhack.control, comma-separated): the first
+    at --proj.vhack-path, each further one beside it as `<name>.<control>.safetensors`."""
+    p = Path(vhack_path)
+    return p if control == controls[0] else p.with_name(f"{p.name.removesuffix('.safetensors')}.{control}.safetensors")
+
+
 def extract(cfg: Config) -> tuple[Path, str]:
-    """Extract V (of cfg.vhack.control) for the config; returns (path, one-line summary). Reuses a V made from the
-    same inputs."""
+    """Extract V for the config, one file per control in cfg.vhack.control (several controls of the same pairs, e.g.
+    none,pca, share one pass of pair gradients; `control_path` says where each goes); returns (the first control's
+    path, a summary line per control). Reuses a V made from the same inputs."""
     from projected_grpo import world
 
     config.validate(cfg, "extract-vhack")
     v = cfg.vhack
     _check_verify_settings(v)
+    controls = split_list(v.control)
     w = world.build(cfg)
-    sel = select_pairs(cfg, w, v.control)
-    meta = VMeta(w.fingerprint, v.pairs, tuple(p.id for p in sel.train), v.normalisation, v.k, v.tau, v.control,
-                 cfg.seed, v.pair_modes, tuple(p.id for p in sel.held), file_sha256(v.pairs))
+    sel = select_pairs(cfg, w, controls[0])  # the same pairs for every control listed with another (validated)
     info = pairs_info(sel.train, sel.held, w.tokenizer)
-    out = Path(cfg.proj.vhack_path)
-    if out.exists() and read_meta(out).get("key") == meta.key():
-        return out, f"V ({v.control}) for these inputs already at {out} (key {meta.key()}; {describe_pairs(info)}); reused"
-    G_hack, G_clean = pair_grads(grad_fn_for(cfg, w, v.normalisation), sel.train, progress=cfg.progress)
-    bad = [n for n in G_hack if not (torch.isfinite(G_hack[n]).all() and torch.isfinite(G_clean[n]).all())]
-    if bad:
-        raise ValueError(f"pair gradients of {bad[0]} are not finite; load the model in float32 "
-                         "(--model.dtype float32) and re-extract")
-    Vs, Ss = extract_control(G_hack, G_clean, v.control, v.k, v.tau)
-    save_vhack(out, Vs, Ss, meta, info)
-    s0 = sorted((float(S[0]) for S in Ss.values()), reverse=True)
-    return out, (f"extracted V ({v.control}) from {describe_pairs(info)}, over {len(Vs)} modules, k={v.k}, "
-                 f"normalisation={v.normalisation}; top singular values {[round(x, 4) for x in s0[:3]]} -> {out}")
+    lines, todo = {}, []
+    for c in controls:
+        meta = VMeta(w.fingerprint, v.pairs, tuple(p.id for p in sel.train), v.normalisation, v.k, v.tau, c,
+                     cfg.seed, v.pair_modes, tuple(p.id for p in sel.held), file_sha256(v.pairs))
+        out = control_path(cfg.proj.vhack_path, c, controls)
+        if out.exists() and read_meta(out).get("key") == meta.key():
+            lines[c] = f"V ({c}) for these inputs already at {out} (key {meta.key()}; {describe_pairs(info)}); reused"
+        else:
+            todo.append((c, meta, out))
+    if todo:
+        G_hack, G_clean = pair_grads(grad_fn_for(cfg, w, v.normalisation), sel.train, progress=cfg.progress)
+        bad = [n for n in G_hack if not (torch.isfinite(G_hack[n]).all() and torch.isfinite(G_clean[n]).all())]
+        if bad:
+            raise ValueError(f"pair gradients of {bad[0]} are not finite; load the model in float32 "
+                             "(--model.dtype float32) and re-extract")
+    for c, meta, out in todo:
+        Vs, Ss = extract_control(G_hack, G_clean, c, v.k, v.tau)
+        save_vhack(out, Vs, Ss, meta, info)
+        s0 = sorted((float(S[0]) for S in Ss.values()), reverse=True)
+        lines[c] = (f"extracted V ({c}) from {describe_pairs(info)}, over {len(Vs)} modules, k={v.k}, "
+                    f"normalisation={v.normalisation}; top singular values {[round(x, 4) for x in s0[:3]]} -> {out}")
+    return control_path(cfg.proj.vhack_path, controls[0], controls), "\n".join(lines[c] for c in controls)
 
 
 def verify_file(cfg: Config) -> Verification:
