@@ -49,7 +49,7 @@ SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap
 
 def attach_random_knobs(model: torch.nn.Module, rank_cap: int | None) -> dict[str, adapter.SVDKnob]:
     """adapter.attach with random U, Vh in place of the SVD (same shapes, so the same cost)."""
-    def fake_svd(w, model_id, cap, svd_dir):
+    def fake_svd(w, model_id, cap, svd_dir, sha=None):
         d_out, d_in = w.shape
         r = min(w.shape) if cap is None else min(cap, *w.shape)
         U = torch.randn(d_out, r, device=w.device) / math.sqrt(d_out)

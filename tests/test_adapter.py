@@ -52,6 +52,18 @@ def test_zero_knob_is_bit_identical_to_base(cfg):
     assert torch.equal(logits(model, IDS), base)
 
 
+def test_each_knob_is_keyed_by_its_own_W(cfg):
+    """The Ws are hashed together before the knobs are made: each knob still carries its own W's sha256 (the SVD
+    cache key and part of V's fingerprint), and its cache entry is the SVD of that W."""
+    model = tiny_qwen3()
+    knobs = adapter.attach(model, cfg, "tiny-test")
+    mods = dict(model.named_modules())
+    shas = {name: adapter._w_sha256(mods[name].weight) for name in knobs}
+    assert {name: k.w_sha256 for name, k in knobs.items()} == shas and len(set(shas.values())) == len(shas)
+    for name, k in knobs.items():
+        torch.testing.assert_close(k.U @ torch.diag(k.S) @ k.Vh, mods[name].weight, atol=1e-5, rtol=1e-4)
+
+
 def test_knob_changes_output_and_zeroed_restores_base(cfg):
     base = logits(tiny_qwen3(), IDS)
     model = tiny_qwen3()

@@ -26,6 +26,7 @@ import os
 import re
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -168,12 +169,13 @@ def _slug(model_id: str) -> str:
 
 
 def svd_cached(w: Float[Tensor, "d_out d_in"], model_id: str, rank_cap: int | None,
-               svd_dir: Path) -> tuple[Tensor, Tensor, Tensor, str]:
+               svd_dir: Path, sha: str | None = None) -> tuple[Tensor, Tensor, Tensor, str]:
     """(U (d_out, r), S (r,), Vh (r, d_in), sha256 of W) in float32 on W's device; computed once, then read from disk.
 
-    The file is keyed by W's hash and the model id; its metadata must name the same model, hash and shape, else it
-    is a stale or foreign entry and loading fails (delete the file to recompute)."""
-    sha = _w_sha256(w)
+    The file is keyed by W's hash (`sha`, when the caller has it already) and the model id; its metadata must name
+    the same model, hash and shape, else it is a stale or foreign entry and loading fails (delete the file to
+    recompute)."""
+    sha = _w_sha256(w) if sha is None else sha
     r = min(w.shape) if rank_cap is None else min(rank_cap, *w.shape)
     path = svd_dir / _slug(model_id) / f"{sha[:32]}-r{r}.safetensors"
     want = {"model_id": model_id, "w_sha256": sha, "shape": f"{w.shape[0]}x{w.shape[1]}", "rank": str(r)}
@@ -217,15 +219,20 @@ def attach(model: nn.Module, cfg: AdapterConfig, model_id: str) -> dict[str, SVD
     for p in model.parameters():
         p.requires_grad_(False)
     knobs: dict[str, SVDKnob] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets:
-            assert not hasattr(mod, "svd_knob"), f"{name} already has a knob"
-            U, S, Vh, sha = svd_cached(mod.weight, model_id, cfg.rank_cap, cfg.svd_dir)
-            knob = SVDKnob(U, S, Vh, sha, dtype=mod.weight.dtype)
-            knob._owner = weakref.ref(mod)
-            mod.add_module("svd_knob", knob)
-            knob._handle = mod.register_forward_hook(_hook)
-            knobs[name] = knob
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
+    # every W's sha256 (its SVD cache key) first, in threads: hashlib lets go of the GIL, and hashing a 1.5B model's
+    # Linears one after another is ~1.5 s of a job's start-up
+    with ThreadPoolExecutor(max(1, min(8, torch.get_num_threads()))) as pool:
+        shas = list(pool.map(lambda m: _w_sha256(m.weight), [m for _, m in targets]))
+    for (name, mod), sha in zip(targets, shas, strict=True):
+        assert not hasattr(mod, "svd_knob"), f"{name} already has a knob"
+        U, S, Vh, sha = svd_cached(mod.weight, model_id, cfg.rank_cap, cfg.svd_dir, sha=sha)
+        knob = SVDKnob(U, S, Vh, sha, dtype=mod.weight.dtype)
+        knob._owner = weakref.ref(mod)
+        mod.add_module("svd_knob", knob)
+        knob._handle = mod.register_forward_hook(_hook)
+        knobs[name] = knob
     if not knobs:
         raise ValueError(f"no nn.Linear named like {cfg.targets} in the model; pass --adapter.targets with the model's "
                          "projection names")

@@ -28,6 +28,8 @@ import importlib
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,6 +400,14 @@ def eos_ids_of(tokenizer, model: nn.Module) -> list[int]:
     return out
 
 
+def _init_cuda() -> None:
+    """torch.cuda.init(), quietly: a failure shows again, with its own message, where the model moves to the GPU."""
+    try:
+        torch.cuda.init()
+    except Exception:  # noqa: BLE001 - reported by the main thread's first CUDA call
+        pass
+
+
 def load(cfg: ModelConfig) -> Loaded:
     """Load the model (eval mode, every weight frozen, on cfg.device in cfg.dtype) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -405,8 +415,12 @@ def load(cfg: ModelConfig) -> Loaded:
 
     hf_logging.disable_progress_bar()  # the run's own bar and log lines say what is happening
     src, model_id = resolve(cfg)
+    t0 = time.perf_counter()
+    if cfg.torch_device.type == "cuda":  # the CUDA context (seconds) starts while the weights are read
+        threading.Thread(target=_init_cuda, daemon=True, name="cuda-init").start()
     try:
         tok = AutoTokenizer.from_pretrained(src)
+        t1 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -414,7 +428,9 @@ def load(cfg: ModelConfig) -> Loaded:
                          "directory, or a Hugging Face id that is cached or reachable") from None
     if tok.chat_template is None:
         raise ValueError(f"model {cfg.name!r} has no chat template; use an instruct/chat model")
+    t2 = time.perf_counter()
     model.to(cfg.torch_device)
+    t3 = time.perf_counter()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -426,5 +442,6 @@ def load(cfg: ModelConfig) -> Loaded:
     eos = eos_ids_of(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[-1]
     logger.debug(f"model {cfg.name} ({model_id}): {sum(p.numel() for p in model.parameters()):,} params, "
-                 f"{cfg.torch_dtype}, {cfg.torch_device}, eos {eos}, pad {pad}")
+                 f"{cfg.torch_dtype}, {cfg.torch_device}, eos {eos}, pad {pad}; loaded in {t3 - t0:.1f} s (tokenizer "
+                 f"{t1 - t0:.1f}, weights {t2 - t1:.1f}, to {cfg.torch_device.type} {t3 - t2:.1f})")
     return Loaded(model=model, tokenizer=tok, model_id=model_id, eos_ids=eos, pad_id=int(pad))
