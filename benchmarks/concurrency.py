@@ -74,6 +74,10 @@ def main() -> int:
             rows.append((variant, k, wall, k / wall * 3600, max(max(logged(d, "time_startup"), default=nan) for d in dirs),
                          statistics.median(steps) if steps else nan, max(max(logged(d, "gpu_peak_gb"), default=nan)
                                                                            for d in dirs)))
+            parts = {p: [x for d in dirs for x in logged(d, f"time_{p}")] for p in STEP_PARTS}
+            print(f"{variant or 'preset'} at {k}: median step parts " + ", ".join(
+                f"{p} {statistics.median(xs):.2f} s" for p, xs in parts.items() if xs) + f"; runs under {root}",
+                flush=True)
     base = rows[0][3]
     print(f"\n{args.preset}, {args.steps} steps per run, {cores} CPU cores")
     print("| variant | concurrent jobs | wall s | runs per GPU-hour | vs first row | start-up s (slowest) | median step s "
@@ -87,6 +91,9 @@ def main() -> int:
             print(f"| {name} | {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x | {startup:.1f} | {step:.2f} | "
                   f"{peak:.1f} |")
     return 0
+
+
+STEP_PARTS = ("generate", "grade", "ref", "train")  # a step's timed parts in metrics.jsonl (time_<part>)
 
 
 def logged(run_dir: Path, key: str) -> list[float]:
