@@ -434,6 +434,13 @@ PRESETS: dict[str, Config] = {name: dataclasses.replace(c, preset=name) for name
 # (de)serialisation
 
 
+def control_path(vhack_path: str | Path, control: str, controls: tuple[str, ...]) -> Path:
+    """Where extract-vhack writes the V of `control` among `controls` (--vhack.control, comma-separated): the first
+    at --proj.vhack-path, each further one beside it as `<name>.<control>.safetensors`."""
+    p = Path(vhack_path)
+    return p if control == controls[0] else p.with_name(f"{p.name.removesuffix('.safetensors')}.{control}.safetensors")
+
+
 def split_list(s: str) -> tuple[str, ...]:
     """'a, b,,c' -> ('a', 'b', 'c'): the one way comma-separated values are read."""
     return tuple(x.strip() for x in s.split(",") if x.strip())

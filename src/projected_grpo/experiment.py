@@ -46,7 +46,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from projected_grpo import config
-from projected_grpo.config import Config, split_list
+from projected_grpo.config import Config, control_path, split_list
 
 ARMS: dict[str, dict[str, str]] = {
     # arm -> train's intervention, and which V it uses: "real" | "pca" | "cleanclean" (an extract job each; one job
@@ -86,8 +86,6 @@ class Job:
         if self.command == "train":
             return [Path(self.cfg.run_dir)]
         if self.command == "extract-vhack":
-            from projected_grpo.vhack import control_path
-
             controls = split_list(self.cfg.vhack.control)
             return [control_path(self.cfg.proj.vhack_path, c, controls) for c in controls]
         if self.command == "verify-vhack":
@@ -651,8 +649,6 @@ def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], see
     if known:
         base = R(base, vhack=R(base.vhack, pair_modes=",".join(known)),
                  data=R(base.data, teacher_modes=",".join(known)))
-    from projected_grpo.vhack import control_path
-
     jobs = []
     kinds = sorted({ARMS[a]["v"] if ARMS[a]["v"] != "random" else "real" for a in arms})
     # the real and the PCA V come from the same pairs' gradients: one job writes both when both are needed

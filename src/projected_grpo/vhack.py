@@ -49,7 +49,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from projected_grpo import config
-from projected_grpo.config import CONTROLS, NORMALISATIONS, split_list  # noqa: F401 (re-exported)
+from projected_grpo.config import CONTROLS, NORMALISATIONS, control_path, split_list  # noqa: F401 (re-exported)
 from projected_grpo.projection import random_orthonormal
 
 if TYPE_CHECKING:
@@ -754,13 +754,6 @@ def _check_verify_settings(v) -> None:
         raise ValueError(f"verify_draws={v.verify_draws} must be >= 1 (random Vs of the empirical null); pass 64")
     if not 0 <= v.verify_margin < 1:
         raise ValueError(f"verify_margin={v.verify_margin} must be in [0, 1) (an energy gap); pass e.g. 0.05")
-
-
-def control_path(vhack_path: str | Path, control: str, controls: tuple[str, ...]) -> Path:
-    """Where extract-vhack writes the V of `control` among `controls` (--vhack.control, comma-separated): the first
-    at --proj.vhack-path, each further one beside it as `<name>.<control>.safetensors`."""
-    p = Path(vhack_path)
-    return p if control == controls[0] else p.with_name(f"{p.name.removesuffix('.safetensors')}.{control}.safetensors")
 
 
 def extract(cfg: Config) -> tuple[Path, str]:
