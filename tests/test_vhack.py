@@ -157,6 +157,7 @@ def test_control_arms_extract_their_own_V(tmp_path):
     pca_path = vhack.control_path(real.cfg.proj.vhack_path, "pca", ("none", "pca"))
     assert jobs["pca_V-s41"].cfg.proj.vhack_path == str(pca_path) != real.cfg.proj.vhack_path
     assert jobs["pca_V-s41"].parents == ["extract-real-s41"] and real.outputs == [Path(real.cfg.proj.vhack_path), pca_path]
+    assert jobs["verify-s41"].cfg.proj.vhack_path == real.cfg.proj.vhack_path  # verification is of the real V
     assert jobs["extract-cleanclean-s41"].cfg.vhack.control == "cleanclean"
     assert jobs["cleanclean_V-s41"].parents == ["extract-cleanclean-s41"]
     alone = {j.name: j for j in experiment.build_jobs(tmp_path, PRESETS["fast-dev-run"],

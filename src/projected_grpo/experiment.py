@@ -661,9 +661,8 @@ def _seed_jobs(root: Path, cfg: Config, ex: ExperimentArgs, arms: list[str], see
         jobs.append(Job(f"extract-{kind}{tag}-s{seed}", "extract-vhack",
                         R(base, vhack=R(base.vhack, control=",".join(controls)),
                           proj=R(base.proj, vhack_path=v_of[kind]))))
-    real_v = str(vhack_path(root, seed, "none", tag))
     if ex.verify and "real" in kinds:  # verification is of the real V
-        jobs.append(Job(f"verify{tag}-s{seed}", "verify-vhack", R(base, proj=R(base.proj, vhack_path=real_v)),
+        jobs.append(Job(f"verify{tag}-s{seed}", "verify-vhack", R(base, proj=R(base.proj, vhack_path=v_of["real"])),
                         [f"extract-real{tag}-s{seed}"]))
     variant = f"{tag}{'_noteacher' if ex.no_teacher else ''}"
     for arm in arms:
