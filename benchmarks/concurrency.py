@@ -4,9 +4,10 @@
 
 Each level starts K `projected-grpo train` processes at once (seeds 1..K, the same settings otherwise, grader
 workers shared out as the runner does) and times until the last one ends; model load, SVD and teacher-pool caches
-are warmed first by a 1-step run that is not timed. Prints one table: wall seconds, runs per GPU-hour, the slowest
-job's start-up (the train call to its first step, `time_startup`) and the median step of all jobs, peak GPU memory per
-job, and the ratio to the first variant at K = 1 measured in the same run.
+are warmed first by a 1-step run that is not timed (`--no-warm-up` skips it when they are warm already). Prints a line
+as each level ends, then one table: wall seconds, runs per GPU-hour, the slowest job's start-up (the train call to its
+first step, `time_startup`) and the median step of all jobs, peak GPU memory per job, and the ratio to the first
+variant at K = 1 measured in the same run.
 
 `--variants` compares settings that trade speed for memory in the same run, each at every level, e.g.
 
@@ -45,12 +46,14 @@ def main() -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--variants", nargs="+", default=[""],
                     help="flag sets to compare (each a quoted string; \"\" = the preset as is)")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="skip the untimed 1-step run (the caches are warm already, e.g. after a sweep of the preset)")
     ap.add_argument("extra", nargs="*", help="flags passed to every train job (after --)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="concurrency_"))
-    warm = launch(args.preset, 1, 999, root / "warm", cores, args.extra)
-    if warm.wait() != 0:
+    warm = None if args.no_warm_up else launch(args.preset, 1, 999, root / "warm", cores, args.extra)
+    if warm is not None and warm.wait() != 0:
         print(f"warm-up run failed: see {root / 'warm.log'}", file=sys.stderr)
         return 1
     rows = []
@@ -75,7 +78,8 @@ def main() -> int:
                          statistics.median(steps) if steps else nan, max(max(logged(d, "gpu_peak_gb"), default=nan)
                                                                            for d in dirs)))
             parts = {p: [x for d in dirs for x in logged(d, f"time_{p}")] for p in STEP_PARTS}
-            print(f"{variant or 'preset'} at {k}: median step parts " + ", ".join(
+            print(f"{variant or 'preset'} at {k}: wall {wall:.1f} s, slowest start-up {rows[-1][4]:.1f} s, median step "
+                  f"{rows[-1][5]:.2f} s, median step parts " + ", ".join(
                 f"{p} {statistics.median(xs):.2f} s" for p, xs in parts.items() if xs) + f"; runs under {root}",
                 flush=True)
     base = rows[0][3]

@@ -179,6 +179,23 @@ def test_svd_cache_is_reused(tmp_path, monkeypatch):
         assert torch.equal(first[n].U, second[n].U) and torch.equal(first[n].Vh, second[n].Vh)
 
 
+def test_a_half_precision_models_svd_entry_is_kept_in_its_dtype_and_reads_back_the_same_knobs(tmp_path, monkeypatch):
+    """A bf16 model's U and Vh are stored in bf16 (half the bytes a job reads at start-up), and a knob built from the
+    entry holds exactly what a knob built from the fresh float32 SVD holds."""
+    from safetensors import safe_open
+
+    cfg = AdapterConfig(cache_dir=str(tmp_path))
+    first = adapter.attach(tiny_qwen3().to(torch.bfloat16), cfg, "tiny-test")
+    for f in sorted((tmp_path / "svd").rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            assert [sf.get_slice(k).get_dtype() for k in ("U", "S", "Vh")] == ["BF16", "F32", "BF16"]
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: pytest.fail("SVD recomputed despite a cache entry"))
+    second = adapter.attach(tiny_qwen3().to(torch.bfloat16), cfg, "tiny-test")
+    for n, k in first.items():
+        assert k.U.dtype == k.Vh.dtype == torch.bfloat16 and k.S.dtype == torch.float32
+        assert all(torch.equal(getattr(k, b), getattr(second[n], b)) for b in ("U", "S", "Vh")), n
+
+
 _ATTACH_COUNTING_SVDS = """
 import sys, time, torch, transformers
 from projected_grpo import adapter

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -323,6 +324,31 @@ def test_gradient_checkpointing_gives_the_same_knob_gradient(cache):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
+def test_a_half_precision_load_reads_a_copy_made_once_with_the_same_weights(tiny, cache, monkeypatch):
+    """bfloat16 from a float32 model of the cache: the first load writes a bfloat16 copy beside it; every load gives
+    the float32 weights rounded to bfloat16, bit for bit; later loads read the copy without converting again."""
+    src = cache / "models" / tiny.model_id
+    copy = src.with_name(f"{src.name}-bfloat16")
+    shutil.rmtree(copy, ignore_errors=True)
+    cfg = ModelConfig(name="tiny", device="cpu", dtype="bfloat16", cache_dir=str(cache))
+    want = {n: p.to(torch.bfloat16) for n, p in tiny.model.state_dict().items()}
+    first = models.load(cfg)
+    assert models._stored_dtype(copy) == "bfloat16"
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **kw: seen.append(path) or real(path, **kw))
+    second = models.load(cfg)
+    assert seen == [str(copy)] and second.model_id == first.model_id == tiny.model_id
+    for m in (first, second):
+        got = m.model.state_dict()
+        assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], w) for n, w in want.items())
+    seen.clear()
+    models.load(ModelConfig(name="tiny", device="cpu", cache_dir=str(cache)))  # float32 reads the original
+    assert seen == [str(src)]
+    assert models.dtype_copy(str(src), torch.bfloat16, cache / "elsewhere") == str(src)  # not a cache entry: as is
+
+
 def test_a_cache_entry_without_the_model_is_never_published(tmp_path):
     class Skipped:  # what transformers does on a torch.distributed rank other than 0: writes no model
         def save_pretrained(self, d):
@@ -337,3 +363,13 @@ def test_a_cache_entry_without_the_model_is_never_published(tmp_path):
     with pytest.raises(RuntimeError, match="the model was not written"):
         models.save_atomic(Skipped(), Tok(), out)
     assert not out.exists() and not list(tmp_path.glob("models/m.tmp*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_load_puts_the_half_precision_weights_on_the_gpu(tiny, cache):
+    """On CUDA the weights go to the device as they are read; they are the float32 ones rounded to bfloat16."""
+    loaded = models.load(ModelConfig(name="tiny", device="cuda", cache_dir=str(cache)))
+    got = loaded.model.state_dict()
+    for n, w in tiny.model.state_dict().items():
+        assert got[n].device.type == "cuda" and torch.equal(got[n].cpu(), w.to(torch.bfloat16)), n

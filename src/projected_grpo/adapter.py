@@ -20,7 +20,6 @@ Knows nothing of GRPO or of the hack direction V.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from projected_grpo.config import DEFAULT_TARGETS, AdapterConfig, default_cache_dir  # noqa: E402,F401
+from projected_grpo.config import DEFAULT_TARGETS, AdapterConfig, cache_lock, default_cache_dir  # noqa: E402,F401
 
 
 class SVDKnob(nn.Module):
@@ -170,7 +169,8 @@ def _slug(model_id: str) -> str:
 
 def svd_cached(w: Float[Tensor, "d_out d_in"], model_id: str, rank_cap: int | None,
                svd_dir: Path, sha: str | None = None) -> tuple[Tensor, Tensor, Tensor, str]:
-    """(U (d_out, r), S (r,), Vh (r, d_in), sha256 of W) in float32 on W's device; computed once, then read from disk.
+    """(U (d_out, r), S (r,), Vh (r, d_in), sha256 of W) on W's device, U and Vh in W's dtype (the knob's; W's hash
+    names its dtype, so an entry serves one dtype) and S in float32; computed once in float32, then read from disk.
 
     The file is keyed by W's hash (`sha`, when the caller has it already) and the model id; its metadata must name
     the same model, hash and shape, else it is a stale or foreign entry and loading fails (delete the file to
@@ -181,7 +181,7 @@ def svd_cached(w: Float[Tensor, "d_out d_in"], model_id: str, rank_cap: int | No
     want = {"model_id": model_id, "w_sha256": sha, "shape": f"{w.shape[0]}x{w.shape[1]}", "rank": str(r)}
     if not path.exists():  # jobs starting side by side on a fresh cache: one computes each entry, the others read it
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path.parent / ".svd.lock"):
+        with cache_lock(path.parent / ".svd.lock"):
             if not path.exists():
                 return (*_svd_to(path, w, r, want), sha)
     with safe_open(str(path), framework="pt") as sf:  # metadata first
@@ -193,21 +193,12 @@ def svd_cached(w: Float[Tensor, "d_out d_in"], model_id: str, rank_cap: int | No
     return t["U"], t["S"], t["Vh"], sha
 
 
-@contextlib.contextmanager
-def _locked(lock: Path) -> Iterator[None]:
-    """An exclusive flock on `lock` (created if missing), waited for, released on exit or by the kernel on death."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _svd_to(path: Path, w: Tensor, r: int, meta: dict[str, str]) -> tuple[Tensor, Tensor, Tensor]:
-    """The truncated SVD of w (float32, on w's device), written atomically to `path` with `meta`."""
+    """The truncated SVD of w (computed in float32; U and Vh then in w's dtype; on w's device), written atomically
+    to `path` with `meta`."""
     U, S, Vh = torch.linalg.svd(w.detach().float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
-    U, S, Vh = U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous()
+    # a half-precision model's factors are kept (and read back) in its dtype: half the bytes of a job's start-up
+    U, S, Vh = U[:, :r].to(w.dtype).contiguous(), S[:r].contiguous(), Vh[:r].to(w.dtype).contiguous()
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, str(tmp), metadata=meta)
     tmp.replace(path)

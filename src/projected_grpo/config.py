@@ -11,12 +11,15 @@ Importing this module never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,6 +35,19 @@ from projected_grpo import problems as P
 def default_cache_dir() -> str:
     """The project's cache root: `$PROJECTED_GRPO_CACHE`, else `~/.cache/projected_grpo`."""
     return os.environ.get("PROJECTED_GRPO_CACHE") or str(Path.home() / ".cache" / "projected_grpo")
+
+
+@contextlib.contextmanager
+def cache_lock(lock: Path) -> Iterator[None]:
+    """An exclusive flock on `lock` (created with its folder if missing), waited for, released on exit or by the
+    kernel on death: jobs starting side by side on a fresh cache build each entry once."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def data_root() -> Path:

@@ -39,7 +39,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from projected_grpo.config import ModelConfig, default_cache_dir  # noqa: F401 (re-exported)
+from projected_grpo.config import ModelConfig, cache_lock, default_cache_dir  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -400,6 +400,37 @@ def eos_ids_of(tokenizer, model: nn.Module) -> list[int]:
     return out
 
 
+def _stored_dtype(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
+def dtype_copy(src: str, dtype: torch.dtype, root: Path) -> str:
+    """`src`, or, when it is a float32 model this cache built (tiny, organism, a converted GGUF) and `dtype` is half
+    precision, its copy in `dtype` beside it (`<dir>-bfloat16`), made once: a job then reads half the bytes and casts
+    nothing. The values are the float32 ones rounded as `from_pretrained(dtype=...)` rounds them, so a model loads
+    bit for bit the same from either. Other directories and ids are loaded as they are."""
+    d = Path(src)
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32 or d.parent != root / "models" or _stored_dtype(d) != "float32":
+        return src
+    out = d.with_name(f"{d.name}-{name}")
+    if (out / "config.json").exists():
+        return str(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with cache_lock(root / "models" / ".dtype_copy.lock"):  # jobs starting side by side: one writes, the others wait
+        if not (out / "config.json").exists():
+            t0 = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+            save_atomic(model, AutoTokenizer.from_pretrained(src), out)
+            logger.info(f"wrote a {name} copy of {d.name} in {time.perf_counter() - t0:.1f} s (once; jobs load it)")
+    return str(out)
+
+
 def _init_cuda() -> None:
     """torch.cuda.init(), quietly: a failure shows again, with its own message, where the model moves to the GPU."""
     try:
@@ -418,10 +449,13 @@ def load(cfg: ModelConfig) -> Loaded:
     t0 = time.perf_counter()
     if cfg.torch_device.type == "cuda":  # the CUDA context (seconds) starts while the weights are read
         threading.Thread(target=_init_cuda, daemon=True, name="cuda-init").start()
+    src = dtype_copy(src, cfg.torch_dtype, cfg.root)
+    # weights go straight to the device (no float32 copy in host memory, no second pass over it to move it)
+    where = {"device_map": {"": cfg.torch_device}} if cfg.torch_device.type == "cuda" else {}
     try:
         tok = AutoTokenizer.from_pretrained(src)
         t1 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype, **where)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {cfg.name!r}: {first}; pass {_NAMES}, a .gguf file, a local "
@@ -429,7 +463,7 @@ def load(cfg: ModelConfig) -> Loaded:
     if tok.chat_template is None:
         raise ValueError(f"model {cfg.name!r} has no chat template; use an instruct/chat model")
     t2 = time.perf_counter()
-    model.to(cfg.torch_device)
+    model.to(cfg.torch_device)  # a no-op after device_map
     t3 = time.perf_counter()
     model.eval()
     for p in model.parameters():
