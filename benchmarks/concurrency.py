@@ -49,7 +49,9 @@ def main() -> int:
     ap.add_argument("--no-warm-up", action="store_true",
                     help="skip the untimed 1-step run (the caches are warm already, e.g. after a sweep of the preset)")
     ap.add_argument("extra", nargs="*", help="flags passed to every train job (after --)")
-    args = ap.parse_args()
+    argv, variants = split_variants(sys.argv[1:], {o for a in ap._actions for o in a.option_strings})
+    args = ap.parse_args(argv)
+    args.variants = variants or args.variants
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="concurrency_"))
     warm = None if args.no_warm_up else launch(args.preset, 1, 999, root / "warm", cores, args.extra)
@@ -95,6 +97,19 @@ def main() -> int:
             print(f"| {name} | {k} | {wall:.1f} | {rate:.1f} | {rate / base:.2f}x | {startup:.1f} | {step:.2f} | "
                   f"{peak:.1f} |")
     return 0
+
+
+def split_variants(argv: list[str], options: set[str]) -> tuple[list[str], list[str]]:
+    """(argv without --variants and its values, the values): every argument after --variants up to the next of this
+    script's options or `--`, so a variant may be a lone flag (`--adapter.fold-train`) that argparse would take for an
+    option of its own."""
+    if "--variants" not in argv:
+        return argv, []
+    i = j = argv.index("--variants")
+    j += 1
+    while j < len(argv) and argv[j] != "--" and argv[j] not in options:
+        j += 1
+    return argv[:i] + argv[j:], argv[i + 1:j]
 
 
 STEP_PARTS = ("generate", "grade", "ref", "train")  # a step's timed parts in metrics.jsonl (time_<part>)

@@ -368,7 +368,7 @@ def test_a_cache_entry_without_the_model_is_never_published(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_load_puts_the_half_precision_weights_on_the_gpu(tiny, cache):
-    """On CUDA the weights go to the device as they are read; they are the float32 ones rounded to bfloat16."""
+    """On CUDA (bfloat16 by default) the weights are on the device and are the float32 ones rounded to bfloat16."""
     loaded = models.load(ModelConfig(name="tiny", device="cuda", cache_dir=str(cache)))
     got = loaded.model.state_dict()
     for n, w in tiny.model.state_dict().items():

@@ -407,3 +407,30 @@ def test_a_job_out_of_gpu_memory_held_by_other_processes_waits_for_them_then_ret
     (tmp_path / "jobs" / "b" / "status").unlink(missing_ok=True)
     starts.clear()
     assert experiment.run_jobs(tmp_path, jobs[1:], [experiment.Slot("0", 1)]) == {"b": "failed"} and len(starts) == 1
+
+
+_LOAD_AFTER_WARM_IMPORTS = """
+import sys
+from projected_grpo import experiment
+for name in experiment.WARM_MODULES:
+    __import__(name)
+before = set(sys.modules)
+from projected_grpo import models
+from projected_grpo.config import ModelConfig
+models.load(ModelConfig(name="tiny", device="cpu", cache_dir=sys.argv[1]))
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_warm_job_loads_its_model_without_importing_transformers_model_machinery(tmp_path):
+    """The forkserver's preload covers what from_pretrained imports lazily (modeling_utils pulls in torch._dynamo and
+    torch.distributed.tensor: seconds of every job's start-up otherwise), generation and masking, and the tiny
+    model's family."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_AFTER_WARM_IMPORTS, str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    new = out.stdout.split()
+    heavy = [m for m in new if m.startswith(("torch._dynamo", "torch.distributed.tensor", "transformers.modeling_utils",
+                                             "transformers.models.auto", "transformers.generation",
+                                             "transformers.masking_utils", "transformers.models.qwen3"))]
+    assert not heavy, heavy

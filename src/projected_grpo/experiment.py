@@ -469,7 +469,14 @@ def _start(root: Path, j: Job, slot: Slot, warm: bool = False):
     return proc, time.time(), log
 
 
-WARM_MODULES = ["projected_grpo.warmstart", "torch", "transformers", "projected_grpo.train", "projected_grpo.vhack", "projected_grpo.evaluate"]
+# transformers imports its model machinery lazily: modeling_utils (torch._dynamo, torch.distributed.tensor, ...),
+# generation and masking on the first from_pretrained, seconds of every job's start-up unless the forkserver has
+# imported them; the presets' model families (Qwen2, Qwen3) likewise
+WARM_MODULES = ["projected_grpo.warmstart", "torch", "transformers", "transformers.modeling_utils",
+                "transformers.generation.utils", "transformers.masking_utils", "transformers.models.auto.modeling_auto",
+                "transformers.models.auto.tokenization_auto", "transformers.models.qwen2.modeling_qwen2",
+                "transformers.models.qwen3.modeling_qwen3", "projected_grpo.train", "projected_grpo.vhack",
+                "projected_grpo.evaluate"]
 _warm_ctx = None
 
 

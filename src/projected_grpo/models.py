@@ -441,21 +441,21 @@ def _init_cuda() -> None:
 
 def load(cfg: ModelConfig) -> Loaded:
     """Load the model (eval mode, every weight frozen, on cfg.device in cfg.dtype) and its tokenizer."""
+    t0 = time.perf_counter()
+    if cfg.torch_device.type == "cuda":  # the CUDA context (seconds) starts while transformers and the weights load
+        threading.Thread(target=_init_cuda, daemon=True, name="cuda-init").start()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the run's own bar and log lines say what is happening
     src, model_id = resolve(cfg)
-    t0 = time.perf_counter()
-    if cfg.torch_device.type == "cuda":  # the CUDA context (seconds) starts while the weights are read
-        threading.Thread(target=_init_cuda, daemon=True, name="cuda-init").start()
+    t_imports = time.perf_counter()
     src = dtype_copy(src, cfg.torch_dtype, cfg.root)
-    # weights go straight to the device (no float32 copy in host memory, no second pass over it to move it)
-    where = {"device_map": {"": cfg.torch_device}} if cfg.torch_device.type == "cuda" else {}
     try:
         tok = AutoTokenizer.from_pretrained(src)
         t1 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype, **where)
+        # read on the host, then moved: `device_map` onto the GPU measured no faster (benchmarks/startup.py)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=cfg.torch_dtype)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {cfg.name!r}: {first}; pass {_NAMES}, a .gguf file, a local "
@@ -463,7 +463,7 @@ def load(cfg: ModelConfig) -> Loaded:
     if tok.chat_template is None:
         raise ValueError(f"model {cfg.name!r} has no chat template; use an instruct/chat model")
     t2 = time.perf_counter()
-    model.to(cfg.torch_device)  # a no-op after device_map
+    model.to(cfg.torch_device)
     t3 = time.perf_counter()
     model.eval()
     for p in model.parameters():
@@ -476,6 +476,7 @@ def load(cfg: ModelConfig) -> Loaded:
     eos = eos_ids_of(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[-1]
     logger.debug(f"model {cfg.name} ({model_id}): {sum(p.numel() for p in model.parameters()):,} params, "
-                 f"{cfg.torch_dtype}, {cfg.torch_device}, eos {eos}, pad {pad}; loaded in {t3 - t0:.1f} s (tokenizer "
-                 f"{t1 - t0:.1f}, weights {t2 - t1:.1f}, to {cfg.torch_device.type} {t3 - t2:.1f})")
+                 f"{cfg.torch_dtype}, {cfg.torch_device}, eos {eos}, pad {pad}; loaded in {t3 - t0:.1f} s (imports and "
+                 f"cache {t_imports - t0:.1f}, tokenizer {t1 - t_imports:.1f}, weights {t2 - t1:.1f}, to "
+                 f"{cfg.torch_device.type} {t3 - t2:.1f})")
     return Loaded(model=model, tokenizer=tok, model_id=model_id, eos_ids=eos, pad_id=int(pad))
