@@ -449,9 +449,9 @@ def load(cfg: ModelConfig) -> Loaded:
 
     hf_logging.disable_progress_bar()  # the run's own bar and log lines say what is happening
     src, model_id = resolve(cfg)
-    t_imports = time.perf_counter()
-    src = dtype_copy(src, cfg.torch_dtype, cfg.root)
     try:
+        src = dtype_copy(src, cfg.torch_dtype, cfg.root)
+        t_imports = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(src)
         t1 = time.perf_counter()
         # read on the host, then moved: `device_map` onto the GPU measured no faster (benchmarks/startup.py)
