@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollout  # noqa: E402
 
 from projected_grpo import adapter, engine, grpo, models, train  # noqa: E402
-from projected_grpo.config import GRPOConfig  # noqa: E402
+from projected_grpo.config import GRPOConfig, data_root  # noqa: E402
 
 SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold")
 
@@ -124,8 +124,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--beta", type=float, default=1e-3, help="K3 KL coefficient (0 = no reference forward)")
     ap.add_argument("--rank-cap", type=int, default=None)
-    ap.add_argument("--problems", default=str(Path(__file__).resolve().parents[2] / "shared/data/leetcode/"
-                                              "leetcode_test_medhard.jsonl"))
+    ap.add_argument("--problems", default=str(data_root() / "leetcode" / "leetcode_test_medhard.jsonl"),
+                    help="the problems whose canonical solutions are graded each step (default: the benchmark data)")
+    ap.add_argument("--no-grade", action="store_true",
+                    help="time the step without grading (otherwise a missing problems file or grader is an error)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     ap.add_argument("--schedules", default="sequential,overlap",
@@ -154,7 +156,10 @@ def main() -> None:
     rng = random.Random(0)
     prompt = [rng.randrange(1, model.config.vocab_size) for _ in range(a.prompt_len)]
     G, pad = a.group, 0
-    gr, why = grader_or_reason(a.problems)
+    gr, why = (None, "not measured (--no-grade)") if a.no_grade else grader_or_reason(a.problems)
+    if gr is None and not a.no_grade:
+        sys.exit(f"grading {why}: the step's grading is part of what this measures; pass --problems FILE (e.g. "
+                 "runs/data/leetcode_test_medhard.jsonl) or --no-grade")
     if gr is not None:
         grader, problems = gr
         probs = problems.load_problems(a.problems)[:G]
