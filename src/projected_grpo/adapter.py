@@ -180,7 +180,6 @@ def svd_cached(w: Float[Tensor, "d_out d_in"], model_id: str, rank_cap: int | No
     path = svd_dir / _slug(model_id) / f"{sha[:32]}-r{r}.safetensors"
     want = {"model_id": model_id, "w_sha256": sha, "shape": f"{w.shape[0]}x{w.shape[1]}", "rank": str(r)}
     if not path.exists():  # jobs starting side by side on a fresh cache: one computes each entry, the others read it
-        path.parent.mkdir(parents=True, exist_ok=True)
         with cache_lock(path.parent / ".svd.lock"):
             if not path.exists():
                 return (*_svd_to(path, w, r, want), sha)

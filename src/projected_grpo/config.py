@@ -558,6 +558,7 @@ def validate(cfg: Config, command: str = "train") -> None:
     if bad:
         raise ValueError(f"{bad[0]} is not a finite number; pass a real value")
     g, o, d, pj, v, e = cfg.grpo, cfg.optim, cfg.data, cfg.proj, cfg.vhack, cfg.eval
+    controls = split_list(v.control)
     ncpu = os.cpu_count() or 1
     checks = [
         (cfg.steps >= 1, f"steps={cfg.steps} must be >= 1"),
@@ -614,10 +615,9 @@ def validate(cfg: Config, command: str = "train") -> None:
         (v.n_heldout >= 0, f"n_heldout={v.n_heldout} must be >= 0"),
         (v.max_pairs >= 0, f"max_pairs={v.max_pairs} must be >= 0 (0 = all)"),
         (v.normalisation in NORMALISATIONS, f"normalisation={v.normalisation!r} is not one of {NORMALISATIONS}"),
-        (bool(split_list(v.control)) and all(c in CONTROLS for c in split_list(v.control))
-         and len(set(split_list(v.control))) == len(split_list(v.control)),
+        (bool(controls) and all(c in CONTROLS for c in controls) and len(set(controls)) == len(controls),
          f"control={v.control!r} must be one of {', '.join(CONTROLS)}, or several of them comma-separated"),
-        ("cleanclean" not in split_list(v.control) or split_list(v.control) == ("cleanclean",),
+        ("cleanclean" not in controls or controls == ("cleanclean",),
          f"control={v.control!r}: cleanclean is extracted from other pairs than none and pca; extract it on its own"),
         (all(m in P.MODES for m in split_list(v.pair_modes)),
          f"pair_modes={v.pair_modes!r} must be a comma-separated subset of {','.join(P.MODES)}"),
