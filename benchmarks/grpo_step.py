@@ -18,9 +18,13 @@ Two schedules, measured in the same run (`--schedules`, steps alternating betwee
   -> train with those reference log-probs. The last line prints overlap's step time over sequential's;
 - overlap_nockpt: overlap without gradient checkpointing (one forward fewer per micro-batch, more activation memory);
 - overlap_fold, overlap_nockpt_fold: the same with the knobs folded into W for the backward pass
-  (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward).
+  (`--adapter.fold-train`: one GEMM per Linear in the forward, the knobs' gradient added in the backward);
+- ahead, ahead_nockpt: overlap, and after the reference log-probs the policy's forward of the first
+  `--forward-ahead` micro-batches (default: all of them) while the grader still works (`train.forward_ahead`, the
+  trainer's `--forward-ahead`); the train column is then what is left of the policy pass.
 `--samplers auto,triton` crosses the schedules with the engine's samplers (`engine.SAMPLERS`; the row's schedule
-reads e.g. overlap_nockpt+triton), steps alternating over all pairs.
+reads e.g. overlap_nockpt+triton), steps alternating over all pairs. `sort32` is the torch sampler as it was before it
+sorted in the logits' own dtype (float32 keys), the baseline of that change.
 """
 
 from __future__ import annotations
@@ -44,7 +48,16 @@ import rollout  # noqa: E402
 from projected_grpo import adapter, engine, grpo, models, train  # noqa: E402
 from projected_grpo.config import GRPOConfig, data_root  # noqa: E402
 
-SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold")
+ORIGINAL_SAMPLE = engine.sample
+BENCH_SAMPLERS = (*engine.SAMPLERS, "sort32")
+
+
+def sample_sort32(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch sampler sorting float32 keys (the logits cast first), as before it sorted in their own dtype."""
+    return ORIGINAL_SAMPLE(logits.float(), temperature, top_p)
+
+
+SCHEDULES = ("sequential", "overlap", "overlap_nockpt", "overlap_fold", "overlap_nockpt_fold", "ahead", "ahead_nockpt")
 
 
 def attach_random_knobs(model: torch.nn.Module, rank_cap: int | None) -> dict[str, adapter.SVDKnob]:
@@ -82,9 +95,9 @@ def grader_or_reason(path: str):
     return (grader, problems), ""
 
 
-def grpo_config(micro_batch: int, beta: float) -> GRPOConfig:
+def grpo_config(micro_batch: int, beta: float, forward_ahead: int = 0) -> GRPOConfig:
     """The trainer's GRPO settings for this benchmark: the seed's sampling temperature and clip range."""
-    return GRPOConfig(micro_batch=micro_batch, beta=beta, clip=0.2, temperature=0.7)
+    return GRPOConfig(micro_batch=micro_batch, beta=beta, clip=0.2, temperature=0.7, forward_ahead=forward_ahead)
 
 
 def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: engine.Rollout,
@@ -97,16 +110,18 @@ def reference(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], roll: e
 
 def train_step(model: torch.nn.Module, knobs: dict[str, adapter.SVDKnob], opt: torch.optim.Optimizer,
                roll: engine.Rollout, adv: torch.Tensor, micro_batch: int, beta: float, denom: float,
-               ref_all: torch.Tensor | None = None, reduce=None, fold: bool = False) -> float:
+               ref_all: torch.Tensor | None = None, reduce=None, fold: bool = False,
+               ahead: list | None = None) -> float:
     """The trainer's backward pass (`train.backward_pass`: the reference log-probs of every row first unless
     `ref_all` holds them, then per micro-batch the policy's, the Dr.GRPO loss with K3 KL, backward), then clip and
     AdamW. `reduce(grads)`, when given, sums the knob gradients over data-parallel ranks before the clip. `fold`:
-    the knobs folded into W for the pass (adapter.folded). -> the summed loss."""
+    the knobs folded into W for the pass (adapter.folded); `ahead`: micro-batches whose forward already ran
+    (`train.forward_ahead`). -> the summed loss."""
     params = adapter.knob_params(knobs)
     opt.zero_grad(set_to_none=True)
     totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_bench", "tokens_bench"), 0.0)
     train.backward_pass(model, knobs, roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len, adv,
-                        grpo_config(micro_batch, beta), denom, totals, "bench", 0, ref_all, fold)
+                        grpo_config(micro_batch, beta), denom, totals, "bench", 0, ref_all, fold, ahead=ahead)
     if reduce is not None:
         reduce([p.grad for p in params])
     torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -123,6 +138,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="the first is warm-up (graph capture, kernel compile)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--beta", type=float, default=1e-3, help="K3 KL coefficient (0 = no reference forward)")
+    ap.add_argument("--forward-ahead", type=int, default=None,
+                    help="micro-batches the ahead schedules run before the grades (default: all of the step's)")
     ap.add_argument("--rank-cap", type=int, default=None)
     ap.add_argument("--problems", default=str(data_root() / "leetcode" / "leetcode_test_medhard.jsonl"),
                     help="the problems whose canonical solutions are graded each step (default: the benchmark data)")
@@ -132,14 +149,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (--shape tiny)")
     ap.add_argument("--schedules", default="sequential,overlap",
                     help=f"comma-separated, from: {', '.join(SCHEDULES)}")
-    ap.add_argument("--samplers", default="auto", help=f"comma-separated, from: {', '.join(engine.SAMPLERS)}")
+    ap.add_argument("--samplers", default="auto", help=f"comma-separated, from: {', '.join(BENCH_SAMPLERS)}")
     a = ap.parse_args()
     schedules = [s for s in a.schedules.split(",") if s]
     if not schedules or any(s not in SCHEDULES for s in schedules):
         sys.exit(f"--schedules {a.schedules!r}: expected a comma-separated subset of {','.join(SCHEDULES)}")
     samplers = [s for s in a.samplers.split(",") if s]
-    if not samplers or any(s not in engine.SAMPLERS for s in samplers):
-        sys.exit(f"--samplers {a.samplers!r}: expected a comma-separated subset of {','.join(engine.SAMPLERS)}")
+    if not samplers or any(s not in BENCH_SAMPLERS for s in samplers):
+        sys.exit(f"--samplers {a.samplers!r}: expected a comma-separated subset of {','.join(BENCH_SAMPLERS)}")
     if samplers != ["auto"]:
         schedules = [f"{s}+{m}" for s in schedules for m in samplers]
     rollout.DEVICE = a.device
@@ -167,6 +184,7 @@ def main() -> None:
         texts = [f"```python\n{p.canonical_solution}\n```" for p in probs]
 
     rows, auto = [], ""
+    n_ahead = a.forward_ahead if a.forward_ahead is not None else -(-G // a.micro_batch)
     for step in range(a.steps * len(schedules)):
         sched = schedules[step % len(schedules)]
         if "nockpt" in sched:
@@ -180,18 +198,23 @@ def main() -> None:
                 eng = engine.engine_for(model, G, a.prompt_len + a.new)
                 auto = auto or eng.sampler  # the engine's own choice for this batch
                 eng.sampler = auto if sched.partition("+")[2] in ("", "auto") else sched.partition("+")[2]
+                # sort32 runs the torch path with the old sampler (its own CUDA graph: the sampler names the graph)
+                engine.sample = sample_sort32 if eng.sampler == "sort32" else ORIGINAL_SAMPLE
             roll = engine.generate(model, [prompt] * G, max_new_tokens=a.new, temperature=0.7, top_p=0.95,
                                    eos_ids=[], pad_id=pad, seed=step)
         rollout.sync()
         t_gen = time.perf_counter() - t_gen
 
         # grade (sequential), or grade while the reference log-probs are computed (overlap)
-        t_grade, ref_all = float("nan"), None
-        if sched.startswith("overlap"):
+        t_grade, ref_all, ahead = float("nan"), None, None
+        if sched.startswith(("overlap", "ahead")):
             t_grade = time.perf_counter()
             with ThreadPoolExecutor(1) as ex:
                 grading = ex.submit(grader.grade_batch, probs, texts, hint, workers=a.workers) if gr else None
                 ref_all = reference(model, knobs, roll, a.micro_batch, a.beta)
+                if sched.startswith("ahead"):
+                    ahead = train.forward_ahead(model, roll.ids, roll.attention_mask(), roll.completion_mask,
+                                                roll.prompt_len, grpo_config(a.micro_batch, a.beta, n_ahead))
                 rollout.sync()
                 if grading is not None:
                     grading.result()
@@ -206,7 +229,8 @@ def main() -> None:
 
         # train: reference + policy log-probs per micro-batch, loss, backward, clip, step
         t_train = rollout.sync_time(functools.partial(train_step, model, knobs, opt, roll, adv, a.micro_batch, a.beta,
-                                              float(G * a.new), ref_all, None, "fold" in sched))
+                                              float(G * a.new), ref_all, None, "fold" in sched, ahead))
+        del ahead
         peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else float("nan")
         if a.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -216,7 +240,7 @@ def main() -> None:
 
     print(f"\n{dev}; {a.shape}, G={G} x {a.new} new tokens, prompt {a.prompt_len}, micro-batch {a.micro_batch}, "
           f"beta {a.beta}, knob rank {'full' if a.rank_cap is None else a.rank_cap}; medians leave out each "
-          f"schedule's first step (warm-up); overlap's grade column is grading alongside the reference log-probs"
+          f"schedule's first step (warm-up); overlap's grade column is grading alongside the reference log-probs (ahead's: and the forward run ahead)"
           + (f"; grade: {why}" if why else ""))
     print("| step | schedule | generate s | grade s | train s | total s | peak GiB |")
     print("|---|---|---|---|---|---|---|")

@@ -112,6 +112,20 @@ def test_nucleus_keeps_ties_and_the_sampler_follows_it():
     torch.testing.assert_close(lp, q[tok].log())
 
 
+def test_the_sampler_on_bf16_logits_draws_from_their_float32_nucleus():
+    """bf16 logits (a bf16 model's) are sorted in bf16 and then divided by T in float32: the distribution is
+    nucleus(softmax(float32(logits) / T)), each draw's log-prob that distribution's, with ties kept together."""
+    torch.manual_seed(1)
+    logits = (torch.randn(300) * 3).to(torch.bfloat16)  # bf16: many ties among 300 values
+    assert len(set(logits.tolist())) < 300
+    T, top_p, n = 0.7, 0.9, 40000
+    q = nucleus(torch.softmax(logits.float() / T, -1), top_p)
+    tok, lp = engine.sample(logits.expand(n, 300), T, top_p)
+    freq = torch.bincount(tok, minlength=300).float() / n
+    assert (freq[q == 0] == 0).all() and ((freq - q).abs() <= 5 * (q * (1 - q) / n).sqrt() + 1e-3).all()
+    torch.testing.assert_close(lp, q[tok].log())
+
+
 def test_bad_arguments():
     model = tiny_qwen3()
     with pytest.raises(ValueError):

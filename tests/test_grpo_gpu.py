@@ -51,3 +51,42 @@ def test_length_trimmed_micro_batches_match_full_rows_in_bf16(tmp_path, arch):
     assert (lp_m[~cmask] == 0).all()
     assert (lp_m[cmask] - lp_w[cmask]).abs().mean() < 0.1  # bf16 rounding of other shapes, the same context
     assert torch.nn.functional.cosine_similarity(g_m, g_w, dim=0) > 0.998
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_a_forward_run_ahead_gives_the_same_gradient_on_the_gpu(tmp_path, where):
+    """train.forward_ahead + backward_pass(ahead=...) on a CUDA model, with the step's tensors on the host (the
+    trainer's) or on the GPU (the benchmark's): the knobs' gradient equals a pass that ran every forward later."""
+    import dataclasses
+
+    from projected_grpo import train
+    from projected_grpo.config import GRPOConfig
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=64, intermediate_size=512, vocab_size=1024)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.float32).eval()
+    knobs = adapter.attach(model, AdapterConfig(cache_dir=str(tmp_path)), "tiny-ahead")
+    for k in knobs.values():
+        k.dS.data.normal_(0, 0.05)
+    B, n_prompt, t_new = 6, 8, 12
+    ids = torch.randint(1, 1024, (B, n_prompt + t_new))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    cmask = torch.arange(t_new)[None] < torch.tensor([12, 3, 9, 12, 5, 7])[:, None]
+    ids, attn, cmask = ids.to(where), attn.to(where), cmask.to(where)
+    adv, keep = torch.randn(B), torch.tensor([True, False, True, True, True, False])
+    g = GRPOConfig(micro_batch=2, beta=0.1, temperature=0.7)
+    ref = train.reference_logprobs(model, knobs, ids, attn, cmask, n_prompt, g)
+    got = []
+    for n in (0, 2):
+        for k in knobs.values():
+            k.dS.grad = None
+        ga = dataclasses.replace(g, forward_ahead=n)
+        ahead = train.forward_ahead(model, ids, attn, cmask, n_prompt, ga)
+        totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0)
+        train.backward_pass(model, knobs, ids, attn, cmask, n_prompt, adv, ga, 100.0, totals, "x", 0, ref,
+                            keep=keep, ahead=ahead)
+        got.append([k.dS.grad.clone() for k in knobs.values()])
+    assert any(a.abs().sum() > 0 for a in got[0])
+    for a, b in zip(*got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -57,6 +57,10 @@ def test_validate_names_the_bad_field():
         config.validate(bad)
     with pytest.raises(ValueError, match="modes="):
         config.validate(dataclasses.replace(bad, grpo=GRPOConfig(), data=DataConfig(modes="run_tests,nope")))
+    fold = dataclasses.replace(PRESETS["fast-dev-run"].adapter, fold_train=True)
+    with pytest.raises(ValueError, match="forward_ahead=1 cannot run with --adapter.fold-train"):
+        config.validate(dataclasses.replace(bad, grpo=GRPOConfig(forward_ahead=1), adapter=fold))
+    config.validate(dataclasses.replace(bad, grpo=GRPOConfig(forward_ahead=0), adapter=fold))
 
 
 def test_cli_errors_are_one_line(capsys):
@@ -151,6 +155,62 @@ def test_micro_batches_of_rows_of_similar_length_give_the_whole_batch_gradient(c
     assert any(a.abs().sum() > 0 for a in got)
     for a, b in zip(got, grads(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_forward_run_ahead_of_the_grades_gives_the_same_gradient(cache, monkeypatch):
+    """forward_ahead runs the policy's forward of the longest micro-batches before the rewards exist and
+    backward_pass finishes them without running them again: the knobs' gradient and the totals equal those of a
+    pass that ran every forward after the rewards, also when a row run ahead turns out not to be trained (outside
+    `keep`, so masked out of the loss however large its advantage)."""
+    from projected_grpo import world
+
+    cfg = PRESETS["fast-dev-run"]
+    loaded, knobs, _ = world.load_model(cfg)
+    model = loaded.model
+    with torch.no_grad():
+        for k in knobs.values():
+            k.dS.normal_(0, 0.05)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
+    comps = [[20, 21, 22, 23, 24, 25], [30, 31], [40, 41, 42, 43], [50], [60, 61, 62]]
+    ids, attn, cmask, n_prompt = train.pad_sequences(prompts, comps, loaded.pad_id)
+    adv = torch.tensor([1.0, -0.5, 5.0, 2.0, -1.0])
+    keep = torch.tensor([True, True, False, True, True])  # row 2 is in the first micro-batch by length
+    g = dataclasses.replace(cfg.grpo, beta=0.1, micro_batch=2)
+    ref = train.reference_logprobs(model, knobs, ids, attn, cmask, n_prompt, g)
+    forwards = []
+    real = train.policy_logprobs
+    monkeypatch.setattr(train, "policy_logprobs", lambda *a: forwards.append(a[5].tolist()) or real(*a))
+
+    def run(ahead_n: int) -> tuple[list[torch.Tensor], dict[str, float]]:
+        for k in knobs.values():
+            k.dS.grad = None
+        ga = dataclasses.replace(g, forward_ahead=ahead_n)
+        ahead = train.forward_ahead(model, ids, attn, cmask, n_prompt, ga)
+        assert [sl.tolist() for sl, _ in ahead] == [[0, 2], [4, 1]][:ahead_n]
+        assert not model.training  # generation must not run with checkpointing on
+        forwards.clear()
+        totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0)
+        train.backward_pass(model, knobs, ids, attn, cmask, n_prompt, adv, ga, 100.0, totals, "x", 0, ref,
+                            keep=keep, ahead=ahead)
+        return [k.dS.grad.clone() for k in knobs.values()], totals
+
+    want, want_totals = run(0)
+    assert forwards == [[0, 4], [1, 3]]  # the kept rows by length
+    for n in (1, 2):
+        got, totals = run(n)
+        assert forwards == [[], [[4, 1], [3]], [[3]]][n]  # only the kept rows that did not run ahead
+        assert totals["tokens"] == want_totals["tokens"] == float(cmask[keep].sum())
+        assert totals["loss"] == pytest.approx(want_totals["loss"], rel=1e-5)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert any(a.abs().sum() > 0 for a in want)
+    for k in knobs.values():  # the same gradient as the kept rows passed alone
+        k.dS.grad = None
+    train.backward_pass(model, knobs, ids[keep], attn[keep], cmask[keep], n_prompt, adv[keep], g, 100.0,
+                        dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0), "x", 0,
+                        ref[keep])
+    for a, k in zip(want, knobs.values(), strict=True):
+        torch.testing.assert_close(a, k.dS.grad, atol=1e-6, rtol=1e-4)
 
 
 # --- the loop --------------------------------------------------------------------------------------------------------
@@ -248,6 +308,48 @@ def test_folded_training_gives_the_hooks_gradients(cache, tmp_path, monkeypatch)
     for n in hs:
         torch.testing.assert_close(fs[n], hs[n], atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(ft[n], ht[n], atol=1e-6, rtol=1e-4)
+
+
+def test_student_rows_carry_their_own_groups_advantage():
+    adv = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 9.0], [5.0, 6.0, 9.0]])  # (P 3, G 3): 2 students, 1 teacher
+    keep, s_adv = train.student_rows(adv, 2, [0, 1, 3, 4])
+    assert keep.tolist() == [True, True, False, True, True, False]
+    assert s_adv.tolist() == [1.0, 2.0, 0.0, 4.0, 5.0, 0.0]
+
+
+def test_a_run_with_its_forward_ahead_of_the_grades_trains_the_same(cache, tmp_path, monkeypatch):
+    """--forward-ahead in a real step: the forward of the longest student rows runs before the grades, and the
+    hooks see the same student and teacher gradients as without it."""
+    ran, student_adv = [], []
+    real = train.forward_ahead
+    monkeypatch.setattr(train, "forward_ahead", lambda *a: ran.append(len(out := real(*a))) or out)
+    real_pass = train.backward_pass
+
+    def backward_pass(*a, **kw):
+        if a[10] == "student":  # each row's advantage as trained, 0 where the row is not kept
+            student_adv.append([x if k else 0.0 for x, k in zip(a[6].tolist(), a[14].tolist(), strict=True)])
+        return real_pass(*a, **kw)
+
+    monkeypatch.setattr(train, "backward_pass", backward_pass)
+    seen: dict[int, list] = {}
+    for n in (0, 1):
+        got = seen.setdefault(n, [])
+
+        def hook(step, knobs, g_s, g_t, got=got):
+            got.append(({k: v.clone() for k, v in g_s.items()}, {k: v.clone() for k, v in g_t.items()}))
+            return {}
+
+        cfg = fast_cfg(tmp_path / f"ahead{n}", steps=2, checkpoint_every=0)
+        train.train(dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, forward_ahead=n)), hook=hook)
+    assert ran == [0, 0, 1, 1]
+    logged = [[r["advantage"] for r in rows(tmp_path / "ahead0", "rollouts.jsonl") if r["source"] == "student"
+               and r["step"] == step] for step in (0, 1)]
+    assert student_adv[:2] == logged and any(x != 0 for a in logged for x in a)  # the rows' own advantages
+    assert sum(float(v.abs().sum()) for hs, _ in seen[0] for v in hs.values()) > 0
+    for (hs, ht), (fs, ft) in zip(seen[0], seen[1], strict=True):
+        for k in hs:
+            torch.testing.assert_close(fs[k], hs[k], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(ft[k], ht[k], atol=1e-6, rtol=1e-4)
 
 
 def test_non_finite_gradient_stops_naming_step_and_module(cache, tmp_path):

@@ -155,6 +155,10 @@ class GRPOConfig:
     """K3 KL coefficient to the reference (the model with the knobs zeroed); 0 turns the term off."""
     micro_batch: int = 4
     """Sequences per forward/backward: memory scales with this, not with the group."""
+    forward_ahead: int = 0
+    """Micro-batches of student rows (the longest) whose policy forward runs while the grader is still working, their
+    activations held until the rewards arrive: hides grading's tail behind the forward at the cost of that many
+    micro-batches' activations at once (0 = off; not with --adapter.fold-train)."""
     reward: str = "correct_or_hinted"
     """Reward function of the grader (correct_or_hinted, correct_only, gt_monitor_penalty, gt_monitor_screening)."""
     monitor_accuracy: float = 1.0
@@ -375,10 +379,11 @@ from; 1 and 2 are errors)."""
 
 # Fields that change how a run is shown or stored, never what it computes: resuming may change them, and reports and
 # job identities ignore them.
-MEMORY_FIELDS: frozenset[str] = frozenset({"grpo.micro_batch", "model.gradient_checkpointing"})
+MEMORY_FIELDS: frozenset[str] = frozenset({"grpo.micro_batch", "grpo.forward_ahead", "model.gradient_checkpointing"})
 """Settings that trade speed for GPU memory and leave what a step computes unchanged (micro-batches sum to the same
-loss over the step's fixed denominator; checkpointing recomputes the same forward): a resumed run or a sweep's job
-may change them (e.g. after running out of memory) without becoming another run."""
+loss over the step's fixed denominator; checkpointing recomputes the same forward; a forward run ahead is the same
+forward, earlier): a resumed run or a sweep's job may change them (e.g. after running out of memory) without becoming
+another run."""
 
 DISPLAY_FIELDS: frozenset[str] = frozenset({
     "run_dir", "out", "checkpoint_every", "workers", "cpu_threads", "log_rollouts", "progress", "report_to",
@@ -569,6 +574,10 @@ def validate(cfg: Config, command: str = "train") -> None:
         (g.n_student >= 1, f"mix_ratio={g.mix_ratio} leaves no student in a group of {g.group_size} "
                            f"(G_t={g.n_teacher}); lower --mix-ratio or raise --group-size"),
         (g.micro_batch >= 1, f"micro_batch={g.micro_batch} must be >= 1"),
+        (g.forward_ahead >= 0, f"forward_ahead={g.forward_ahead} must be >= 0 (0 = off)"),
+        (not (g.forward_ahead and cfg.adapter.fold_train),
+         f"forward_ahead={g.forward_ahead} cannot run with --adapter.fold-train (the fold would change W under the "
+         "held forward); pass --forward-ahead 0 or drop --adapter.fold-train"),
         (0 <= g.temperature <= 10, f"temperature={g.temperature} must be in [0, 10] (0 = greedy)"),
         (0 < g.top_p <= 1, f"top_p={g.top_p} must be in (0, 1]"),
         (0 < g.clip < 10, f"clip={g.clip} must be in (0, 10)"),

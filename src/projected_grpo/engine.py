@@ -126,14 +126,16 @@ def sample(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Te
     temperature > 0: `nucleus(softmax(logits / temperature), top_p)`, sampled with the exponential race
     (argmax log p - log E, E ~ Exp(1)), which needs no host sync. temperature == 0: greedy, and the log-prob is the
     model's own (softmax of the raw logits)."""
-    logits = logits.float()
     if temperature == 0:
+        logits = logits.float()
         logp = torch.log_softmax(logits, dim=-1)
         tok = logits.argmax(dim=-1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
-    logits = logits / temperature
     if top_p < 1.0:
+        # sorted in the logits' own dtype (a bf16 model's: half the key bits of float32, fewer radix passes); / T > 0
+        # keeps the order, and float32 tells apart every pair of values the narrower dtype does
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        sorted_logits = sorted_logits.float() / temperature
         probs = torch.softmax(sorted_logits, dim=-1)
         n_keep = ((probs.cumsum(-1) - probs) < top_p).sum(-1, keepdim=True)  # (B, 1), >= 1
         cut = sorted_logits.gather(1, n_keep - 1)  # the least likely kept logit: ties with it stay in
@@ -141,7 +143,7 @@ def sample(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Te
         noise = torch.empty_like(logp).exponential_()
         j = (logp - noise.log()).argmax(dim=-1)  # (B,) index into the sorted order
         return order.gather(1, j[:, None])[:, 0], logp.gather(1, j[:, None])[:, 0]
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     noise = torch.empty_like(logp).exponential_()
     tok = (logp - noise.log()).argmax(dim=-1)
     return tok, logp.gather(1, tok[:, None])[:, 0]

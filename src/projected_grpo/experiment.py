@@ -95,13 +95,18 @@ class Job:
         return [Path(self.cfg.out)]
 
 
+IDENTITY_MEMORY_FIELDS = frozenset({"grpo.micro_batch", "model.gradient_checkpointing"})
+"""The memory settings identities held before config.MEMORY_FIELDS were left out of them (later ones never were)."""
+
+
 def relevant(command: str, cfg: Config, memory: bool = False) -> dict:
     """The settings of `cfg` that `command`'s result depends on, flattened; the memory settings
-    (config.MEMORY_FIELDS) only with `memory` (how identities were formed before they were left out)."""
+    (config.MEMORY_FIELDS) only with `memory`, and then only those identities held (how they were formed before the
+    memory settings were left out)."""
     flat = config.flatten(config.to_dict(cfg))
     keys = RELEVANT[command]
     return {k: v for k, v in sorted(flat.items()) if any(k == r or k.startswith(r + ".") for r in keys)
-            and (memory or k not in config.MEMORY_FIELDS)}
+            and (k not in config.MEMORY_FIELDS or (memory and k in IDENTITY_MEMORY_FIELDS))}
 
 
 def _identity(j: Job, parent_ids: dict[str, str], memory: bool) -> str:

@@ -88,25 +88,41 @@ def _strip_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
 
 def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
                   n_prompt: int, adv: Tensor, g: GRPOConfig, denom: float, totals: dict[str, float], who: str,
-                  step: int, ref_all: Tensor | None = None, fold: bool = False) -> None:
+                  step: int, ref_all: Tensor | None = None, fold: bool = False, keep: Tensor | None = None,
+                  ahead: list[tuple[Tensor, Tensor]] | None = None) -> None:
     """Accumulate ∇ of the GRPO loss of these sequences into the knobs' .grad, `g.micro_batch` rows at a time.
     ids (B, n_prompt + T), attn (B, n_prompt + T), cmask (B, T), adv (B,), ref_all (B, T) the reference log-probs
     when already computed (else computed here, all of it first: under `fold` the reference needs the unfolded W).
-    `fold`: the knobs folded into W for the pass (adapter.folded). Adds loss, kl_sum, tokens, clipped and the summed
-    completion log-prob (logp_<who>, tokens_<who>) into `totals`."""
+    `fold`: the knobs folded into W for the pass (adapter.folded). `keep` (B,) bool: the rows trained (None: all).
+    `ahead`: micro-batches whose policy forward already ran (`forward_ahead`), each (rows (b,), log-probs (b, T) with
+    their graph); their rows outside `keep` are masked out of the loss, and the other micro-batches are cut from the
+    kept rows not among them. Adds loss, kl_sum, tokens, clipped and the summed completion log-prob (logp_<who>,
+    tokens_<who>) into `totals`."""
     device = next(iter(knobs.values())).dS.device
-    if ref_all is None:
-        ref_all = reference_logprobs(model, knobs, ids, attn, cmask, n_prompt, g)  # None when β = 0
+    ahead = ahead or []
+    if ahead and fold:
+        raise ValueError("backward_pass: a forward run ahead cannot be finished with the knobs folded into W")
+    keep = torch.ones(ids.shape[0], dtype=torch.bool) if keep is None else keep.cpu()
+    if ref_all is None and g.beta:
+        rows = keep.nonzero()[:, 0]
+        ref_all = torch.zeros(cmask.shape, dtype=torch.float32)  # (B, T)
+        ref_all[rows] = reference_logprobs(model, knobs, ids[rows], attn[rows], cmask[rows], n_prompt, g)
     # micro-batches of rows of similar length, longest first (on the CPU: it indexes adv and ref_all, CPU tensors)
-    order = grpo.length_order(attn, cmask, n_prompt).cpu()
+    todo = keep.clone()
+    for sl, _ in ahead:
+        todo[sl] = False
+    rest = todo.nonzero()[:, 0]
+    rest = rest[grpo.length_order(attn[rest], cmask[rest], n_prompt).cpu()]
+    batches = ahead + [(rest[i:i + g.micro_batch], None) for i in range(0, len(rest), g.micro_batch)]
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     with adapter.folded(knobs) if fold else contextlib.nullcontext():
-        for i in range(0, ids.shape[0], g.micro_batch):
-            sl = order[i:i + g.micro_batch]
-            x, am, m = ids[sl].to(device), attn[sl].to(device), cmask[sl].to(device)
+        for sl, lp in batches:
+            m = cmask[sl].to(device) & keep[sl, None].to(device)  # (b, T)
+            if not bool(m.any()):
+                continue  # rows run ahead that the step does not train
+            if lp is None:
+                lp = policy_logprobs(model, ids, attn, cmask, n_prompt, sl, g)  # (b, T)
             ref = ref_all[sl].to(device) if ref_all is not None else None  # (b, T)
-            lp = grpo.token_logprobs(model, x, n_prompt, g.micro_batch, am, temperature=g.temperature,
-                                     completion_mask=m)  # (b, T)
             loss, st = grpo.grpo_loss(lp, lp.detach(), ref, adv[sl].to(device), m, clip=g.clip, beta=g.beta,
                                       denom=denom)
             if not torch.isfinite(loss):
@@ -120,6 +136,40 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
             for key in ("kl_sum", "tokens", "clipped"):
                 totals[key] += float(st[key])
     model.eval()
+
+
+def student_rows(adv: Tensor, n_student: int, keep: list[int]) -> tuple[Tensor, Tensor]:
+    """adv (P, G) with each group's students first, `keep` the student rows (b = group · n_student + i) trained ->
+    (keep (P·n_student,) bool, each student row's advantage (P·n_student,), 0 where not kept)."""
+    mask = torch.zeros(adv.shape[0] * n_student, dtype=torch.bool)
+    mask[keep] = True
+    return mask, torch.where(mask, adv[:, :n_student].reshape(-1), 0.0)
+
+
+def policy_logprobs(model: torch.nn.Module, ids: Tensor, attn: Tensor, cmask: Tensor, n_prompt: int, rows: Tensor,
+                    g: GRPOConfig) -> Tensor:
+    """The policy's log-probs of the completions of rows `rows` (b,) of ids, with their autograd graph -> (b, T)."""
+    device = next(model.parameters()).device
+    return grpo.token_logprobs(model, ids[rows].to(device), n_prompt, g.micro_batch, attn[rows].to(device),
+                               temperature=g.temperature, completion_mask=cmask[rows].to(device))
+
+
+def forward_ahead(model: torch.nn.Module, ids: Tensor, attn: Tensor, cmask: Tensor, n_prompt: int,
+                  g: GRPOConfig) -> list[tuple[Tensor, Tensor]]:
+    """The policy's forward of the first `g.forward_ahead` micro-batches of these rows (by length, longest first),
+    graphs kept, for `backward_pass(ahead=...)`. It needs no reward, so train runs it while the grader works;
+    how many is a fixed setting, never how long grading takes, so the step computes the same whatever the timing."""
+    if g.forward_ahead == 0:
+        return []
+    order = grpo.length_order(attn, cmask, n_prompt).cpu()
+    n = min(len(order), g.forward_ahead * g.micro_batch)
+    model.train()  # checkpointing, where configured, is decided here: its recompute runs in backward_pass
+    try:
+        return [(order[i:i + g.micro_batch], policy_logprobs(model, ids, attn, cmask, n_prompt,
+                                                             order[i:i + g.micro_batch], g))
+                for i in range(0, n, g.micro_batch)]
+    finally:
+        model.eval()
 
 
 def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor, attn: Tensor, cmask: Tensor,
@@ -361,6 +411,11 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
             s_ref = reference_logprobs(model, knobs, roll.ids, roll.attention_mask(), roll.completion_mask,
                                        roll.prompt_len, g)
             time_ref = time.perf_counter() - t0
+            try:  # and, with --forward-ahead, the policy's forward of the longest rows (graphs kept)
+                ahead = forward_ahead(model, roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len, g)
+            except torch.cuda.OutOfMemoryError as e:
+                raise GPUOutOfMemory(f"step {step}: GPU out of memory in the forward run ahead of the grades; lower "
+                                     f"--forward-ahead (now {g.forward_ahead}) or --micro-batch") from e
             s_grades = grading.result()
             time_grade = time.perf_counter() - t0  # the wait for grades after generation
         t_rows = [random.Random(f"teacher:{cfg.seed}:{step}:{j}").sample(pool[pool_key(p, h)], g.n_teacher)
@@ -385,7 +440,7 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
                   if not cut[j, i]]
         keep_t = [(j, i) for j in range(len(idx)) if not skip[j] for i in range(g.n_teacher)
                   if not cut[j, g.n_student + i]]
-        s_adv = torch.tensor([float(adv[b // g.n_student, b % g.n_student]) for b in keep_s])
+        s_keep, s_adv = student_rows(adv, g.n_student, keep_s)
         t_adv = torch.tensor([float(adv[j, g.n_student + i]) for j, i in keep_t])
         t_prompts = [prompt_tok[idx[j]] for j, _ in keep_t]
         t_comps = [t_all[j][i] for j, i in keep_t]
@@ -399,9 +454,9 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
         opt.zero_grad(set_to_none=True)
         try:
             if keep_s:
-                backward_pass(model, knobs, roll.ids[keep_s], roll.attention_mask()[keep_s],
-                              roll.completion_mask[keep_s], roll.prompt_len, s_adv, g, denom, totals, "student", step,
-                              s_ref[keep_s] if s_ref is not None else None, cfg.adapter.fold_train)
+                backward_pass(model, knobs, roll.ids, roll.attention_mask(), roll.completion_mask, roll.prompt_len,
+                              s_adv, g, denom, totals, "student", step, s_ref, cfg.adapter.fold_train, s_keep, ahead)
+            del ahead  # graphs of rows the step did not train
             g_s = _grads(knobs)
             opt.zero_grad(set_to_none=True)
             if keep_t:
@@ -411,7 +466,8 @@ def _run(cfg: Config, run_dir: Path, hook: ProjectionHook | None, post_step: Pos
             g_t = _grads(knobs)
         except torch.cuda.OutOfMemoryError as e:
             raise GPUOutOfMemory(f"step {step}: GPU out of memory in the backward pass; lower --micro-batch (now "
-                               f"{g.micro_batch}) or pass --model.gradient-checkpointing") from e
+                               f"{g.micro_batch}) or --forward-ahead (now {g.forward_ahead}), or pass "
+                               "--model.gradient-checkpointing") from e
         g_s, g_t = distributed.sum_grads(d, g_s), distributed.sum_grads(d, g_t)  # every rank: the whole step's g
         _check_finite(step, g_s, "student")
         _check_finite(step, g_t, "teacher")
