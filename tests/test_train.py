@@ -113,21 +113,32 @@ def test_pad_sequences_layout():
     assert cmask.tolist() == [[True, False, False], [True, True, True]]
 
 
-def test_micro_batches_of_rows_of_similar_length_give_the_whole_batch_gradient(cache):
-    """backward_pass cuts its micro-batches from the rows ordered by length and runs each through its rows' length
-    only: the knobs get the gradient of the whole batch's loss computed in one pass, and reference_logprobs comes
-    back in row order (0 after each row's end)."""
-    from projected_grpo import grpo, world
+def five_rows_of_different_lengths(cfg: Config):
+    """The preset's model with random knob values, and 5 padded rows whose length order is not the row order ->
+    (model, knobs, (ids, attn, cmask, n_prompt))."""
+    from projected_grpo import world
 
-    cfg = PRESETS["fast-dev-run"]
     loaded, knobs, _ = world.load_model(cfg)
-    model = loaded.model
     with torch.no_grad():
         for k in knobs.values():
             k.dS.normal_(0, 0.05)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
     comps = [[20, 21, 22, 23, 24, 25], [30, 31], [40, 41, 42, 43], [50], [60, 61, 62]]
-    ids, attn, cmask, n_prompt = train.pad_sequences(prompts, comps, loaded.pad_id)
+    return loaded.model, knobs, train.pad_sequences(prompts, comps, loaded.pad_id)
+
+
+def empty_totals() -> dict[str, float]:
+    return dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0)
+
+
+def test_micro_batches_of_rows_of_similar_length_give_the_whole_batch_gradient(cache):
+    """backward_pass cuts its micro-batches from the rows ordered by length and runs each through its rows' length
+    only: the knobs get the gradient of the whole batch's loss computed in one pass, and reference_logprobs comes
+    back in row order (0 after each row's end)."""
+    from projected_grpo import grpo
+
+    cfg = PRESETS["fast-dev-run"]
+    model, knobs, (ids, attn, cmask, n_prompt) = five_rows_of_different_lengths(cfg)
     assert grpo.length_order(attn, cmask, n_prompt).tolist() == [0, 2, 4, 1, 3]  # not the row order
     adv = torch.tensor([1.0, -0.5, 0.3, 2.0, -1.0])
     g = dataclasses.replace(cfg.grpo, beta=0.1, micro_batch=2)
@@ -143,7 +154,7 @@ def test_micro_batches_of_rows_of_similar_length_give_the_whole_batch_gradient(c
 
     for k in knobs.values():
         k.dS.grad = None
-    totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0)
+    totals = empty_totals()
     train.backward_pass(model, knobs, ids, attn, cmask, n_prompt, adv, g, 100.0, totals, "x", 0)
     got = grads()
     for k in knobs.values():
@@ -162,17 +173,8 @@ def test_a_forward_run_ahead_of_the_grades_gives_the_same_gradient(cache, monkey
     backward_pass finishes them without running them again: the knobs' gradient and the totals equal those of a
     pass that ran every forward after the rewards, also when a row run ahead turns out not to be trained (outside
     `keep`, so masked out of the loss however large its advantage)."""
-    from projected_grpo import world
-
     cfg = PRESETS["fast-dev-run"]
-    loaded, knobs, _ = world.load_model(cfg)
-    model = loaded.model
-    with torch.no_grad():
-        for k in knobs.values():
-            k.dS.normal_(0, 0.05)
-    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
-    comps = [[20, 21, 22, 23, 24, 25], [30, 31], [40, 41, 42, 43], [50], [60, 61, 62]]
-    ids, attn, cmask, n_prompt = train.pad_sequences(prompts, comps, loaded.pad_id)
+    model, knobs, (ids, attn, cmask, n_prompt) = five_rows_of_different_lengths(cfg)
     adv = torch.tensor([1.0, -0.5, 5.0, 2.0, -1.0])
     keep = torch.tensor([True, True, False, True, True])  # row 2 is in the first micro-batch by length
     g = dataclasses.replace(cfg.grpo, beta=0.1, micro_batch=2)
@@ -189,7 +191,7 @@ def test_a_forward_run_ahead_of_the_grades_gives_the_same_gradient(cache, monkey
         assert [sl.tolist() for sl, _ in ahead] == [[0, 2], [4, 1]][:ahead_n]
         assert not model.training  # generation must not run with checkpointing on
         forwards.clear()
-        totals = dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0)
+        totals = empty_totals()
         train.backward_pass(model, knobs, ids, attn, cmask, n_prompt, adv, ga, 100.0, totals, "x", 0, ref,
                             keep=keep, ahead=ahead)
         return [k.dS.grad.clone() for k in knobs.values()], totals
@@ -207,8 +209,7 @@ def test_a_forward_run_ahead_of_the_grades_gives_the_same_gradient(cache, monkey
     for k in knobs.values():  # the same gradient as the kept rows passed alone
         k.dS.grad = None
     train.backward_pass(model, knobs, ids[keep], attn[keep], cmask[keep], n_prompt, adv[keep], g, 100.0,
-                        dict.fromkeys(("kl_sum", "tokens", "loss", "clipped", "logp_x", "tokens_x"), 0.0), "x", 0,
-                        ref[keep])
+                        empty_totals(), "x", 0, ref[keep])
     for a, k in zip(want, knobs.values(), strict=True):
         torch.testing.assert_close(a, k.dS.grad, atol=1e-6, rtol=1e-4)
 

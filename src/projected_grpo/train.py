@@ -113,7 +113,7 @@ def backward_pass(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: Tensor
         todo[sl] = False
     rest = todo.nonzero()[:, 0]
     rest = rest[grpo.length_order(attn[rest], cmask[rest], n_prompt).cpu()]
-    batches = ahead + [(rest[i:i + g.micro_batch], None) for i in range(0, len(rest), g.micro_batch)]
+    batches = ahead + [(sl, None) for sl in rest.split(g.micro_batch)]
     model.train()  # these models have no dropout; this turns gradient checkpointing on where configured
     with adapter.folded(knobs) if fold else contextlib.nullcontext():
         for sl, lp in batches:
@@ -162,12 +162,10 @@ def forward_ahead(model: torch.nn.Module, ids: Tensor, attn: Tensor, cmask: Tens
     if g.forward_ahead == 0:
         return []
     order = grpo.length_order(attn, cmask, n_prompt).cpu()
-    n = min(len(order), g.forward_ahead * g.micro_batch)
     model.train()  # checkpointing, where configured, is decided here: its recompute runs in backward_pass
     try:
-        return [(order[i:i + g.micro_batch], policy_logprobs(model, ids, attn, cmask, n_prompt,
-                                                             order[i:i + g.micro_batch], g))
-                for i in range(0, n, g.micro_batch)]
+        return [(sl, policy_logprobs(model, ids, attn, cmask, n_prompt, sl, g))
+                for sl in order[:g.forward_ahead * g.micro_batch].split(g.micro_batch)]
     finally:
         model.eval()
 
@@ -182,8 +180,7 @@ def reference_logprobs(model: torch.nn.Module, knobs: dict[str, SVDKnob], ids: T
     out = torch.zeros(cmask.shape, dtype=torch.float32)  # (B, T), on the CPU
     order = grpo.length_order(attn, cmask, n_prompt).cpu()  # indexes `out`
     with torch.no_grad(), adapter.zeroed(knobs):
-        for i in range(0, ids.shape[0], g.micro_batch):
-            sl = order[i:i + g.micro_batch]
+        for sl in order.split(g.micro_batch):
             out[sl] = grpo.token_logprobs(model, ids[sl].to(device), n_prompt, g.micro_batch, attn[sl].to(device),
                                           temperature=g.temperature, completion_mask=cmask[sl].to(device)).cpu()
     return out
